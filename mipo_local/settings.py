@@ -1,0 +1,90 @@
+"""Every default in one place. CLI flags default to None and override a field only when given.
+
+The numbers follow the MIPO paper (arXiv 2603.19294) where it states them: one pair per prompt,
+temperature 0.1, top_p 0.9, DPO beta 0.1, one epoch. LoRA needs a far higher learning rate than the
+paper's full fine-tuning (5e-7).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+NEGATIVE_STRATEGIES = ("random-context", "no-context", "random-prompt")
+QUANT_TYPES = ("auto", "f16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0")
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+@dataclass
+class PairSettings:
+    strategy: str = "random-context"  # how the negative y- is sampled (NEGATIVE_STRATEGIES)
+    per_prompt: int = 1  # pairs per (context, prompt)
+    temperature: float = 0.1
+    top_p: float = 0.9
+    max_tokens: int = 192  # response length cap for both sides
+    seed: int = 0
+    score: bool = True  # store log p(y|c,x) and log p(y|c',x) for both sides
+    min_pmi: float | None = None  # drop pairs whose positive PMI margin is below this
+    candidates: int = 1  # >1: sample K per side and keep the best-PMI positive / worst negative
+    batch_size: int = 16  # sequences decoded together in one llama.cpp batch
+
+
+@dataclass
+class TrainSettings:
+    backend: str = "auto"  # auto | torch | mlx
+    device: str = "auto"  # auto | cpu | cuda
+    epochs: int = 1
+    lr: float = 5e-5
+    beta: float = 0.1
+    rank: int = 8
+    alpha: float = 16.0
+    targets: tuple[str, ...] = LORA_TARGETS
+    batch_size: int = 1  # pairs per step
+    grad_accum: int = 4
+    max_len: int = 512  # prompt + response tokens; longer pairs are truncated on the response side
+    warmup_ratio: float = 0.1
+    eval_fraction: float = 0.1  # held-out share of pairs
+    eval_every: int = 10  # optimizer steps between held-out evaluations
+    checkpoint_every: int = 10  # optimizer steps between checkpoints
+    ref: str = "cached"  # cached (training backend, adapter off) | llama.cpp
+    seed: int = 0
+    threads: int | None = None  # None: torch / MLX defaults
+    grad_checkpointing: bool = False
+
+
+@dataclass
+class ExportSettings:
+    quant: str = "auto"  # Q8_0 under 1B parameters, Q4_K_M above
+    adapter_only: bool = False
+    system_from_contexts: bool = True  # write the user's contexts as the Modelfile SYSTEM
+    verify: bool = True
+
+
+@dataclass
+class EvalSettings:
+    n: int = 16  # held-out prompts
+    seed: int = 0
+    temperature: float = 0.1
+    top_p: float = 0.9
+    max_tokens: int = 192
+
+
+@dataclass
+class Settings:
+    pairs: PairSettings = field(default_factory=PairSettings)
+    train: TrainSettings = field(default_factory=TrainSettings)
+    export: ExportSettings = field(default_factory=ExportSettings)
+    eval: EvalSettings = field(default_factory=EvalSettings)
+
+
+T = TypeVar("T")
+
+
+def with_overrides(obj: T, **overrides: Any) -> T:
+    """Copy a settings dataclass, replacing only the fields whose override is not None."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    unknown = set(given) - {f.name for f in dataclasses.fields(obj)}  # type: ignore[arg-type]
+    if unknown:
+        raise TypeError(f"unknown settings: {sorted(unknown)}")
+    return dataclasses.replace(obj, **given)  # type: ignore[type-var]

@@ -221,10 +221,11 @@ def set_base_model(ws: Workspace, spec: str | None) -> BaseModel:
     info = gguf_io.read_info(path)  # raises for missing, foreign, truncated or unsupported files
     if not info.chat_template:
         raise ModelError(f"{path} has no chat template; mipo-local needs an instruct model with one.")
+    entry = catalog.default_entry() if (spec or DEFAULT_SPEC) == DEFAULT_SPEC else catalog.find_entry(spec)
     model = BaseModel(
         spec=spec or DEFAULT_SPEC,
         path=str(path),
-        name=info.name,
+        name=entry.name if entry else info.name,
         architecture=info.architecture,
         n_params=info.n_params,
         size=path.stat().st_size,

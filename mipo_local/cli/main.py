@@ -1,0 +1,84 @@
+"""`mipo-local`: the command-line entry point. Thin: parse, call the library, print.
+
+With no sub-command it opens the terminal app. Library errors (MipoError) become one `Error: ...` line on
+stderr and a non-zero exit; Ctrl-C becomes `Cancelled` (exit 130) after the job has saved its work.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import click
+
+from ..errors import MipoError
+
+# One module per command group; each defines `register(cli)`. Add new groups here.
+COMMAND_MODULES = [
+    "mipo_local.cli.setup_cmd",  # init, status
+    "mipo_local.cli.models_cmd",  # models list|info|pull
+    "mipo_local.cli.context_cmd",  # context add|list|rm|edit
+    "mipo_local.cli.prompts_cmd",  # prompts add|import|list|rm (synth lives with pairs)
+]
+
+
+@click.group(
+    invoke_without_command=True,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
+@click.option(
+    "--workspace",
+    "-w",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Workspace directory (default: $MIPO_LOCAL_HOME, else $XDG_DATA_HOME/mipo-local/default).",
+)
+@click.version_option(package_name="mipo-local")
+@click.pass_context
+def cli(ctx: click.Context, workspace: str | None) -> None:
+    """Personalize a small local LLM with MIPO + LoRA DPO, privately, on this machine.
+
+    Run without a command to open the terminal app. Typical flow:
+
+    \b
+      mipo-local init
+      mipo-local context add "I am a nurse in Lyon; answer briefly, in French."
+      mipo-local prompts add "What should I cook tonight?"
+      mipo-local run            # synth prompts, pairs, train, export, eval
+      mipo-local chat
+    """
+    ctx.ensure_object(dict)
+    ctx.obj["workspace"] = workspace
+    if ctx.invoked_subcommand is None:
+        from tui.app import run_app  # the UI is imported only when asked for
+
+        run_app(workspace)
+
+
+for _name in COMMAND_MODULES:
+    importlib.import_module(_name).register(cli)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console-script entry point; returns the exit code."""
+    try:
+        cli.main(args=argv, prog_name="mipo-local", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except click.exceptions.Abort:
+        click.echo("Cancelled.", err=True)
+        return 130
+    except KeyboardInterrupt:
+        click.echo("Cancelled. Finished work was saved; run the same command again to resume.", err=True)
+        return 130
+    except MipoError as err:
+        click.echo(f"Error: {err}", err=True)
+        return err.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

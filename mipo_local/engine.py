@@ -194,6 +194,9 @@ class Engine:
         for r in requests:
             if len(r.prompt) + 1 > limit:
                 raise ValueError(f"prompt of {len(r.prompt)} tokens does not fit the {limit}-token context")
+        # An empty cache for every call: where cells land in the unified KV cache changes the float results,
+        # so each call must start from the same state to be reproducible (resume depends on it).
+        self._lc.llama_memory_clear(self.mem, True)
         queue = list(requests)[::-1]
         slots: dict[int, _Slot] = {}
         free = list(range(self.n_seq))[::-1]
@@ -236,7 +239,7 @@ class Engine:
 
     def stream(self, prompt: list[int], *, max_tokens: int = 512, temperature: float = 0.7, top_p: float = 0.9, seed: int = 0) -> Iterator[str]:
         """Stream one answer as text pieces (for chat); complete UTF-8 characters only."""
-        self._clear(0)
+        self._lc.llama_memory_clear(self.mem, True)
         rng = np.random.default_rng(seed)
         pending, pos, out, emitted = list(prompt), 0, [], ""
         for _ in range(max_tokens):
@@ -263,6 +266,7 @@ class Engine:
         while i < len(order):
             entries: list[tuple[int, int, int, bool]] = []
             group: list[tuple[int, int, int]] = []  # (item index, seq, first row of its response logits)
+            self._lc.llama_memory_clear(self.mem, True)
             while i < len(order) and len(group) < self.n_seq:
                 prompt, response = items[order[i]]
                 n = len(prompt) + len(response)
@@ -273,7 +277,6 @@ class Engine:
                 if n > self.n_batch:
                     raise ValueError(f"{n} tokens exceed the batch size {self.n_batch}")
                 seq = len(group)
-                self._clear(seq)
                 tokens = list(prompt) + list(response)
                 start = len(entries) + len(prompt) - 1
                 for p, tok in enumerate(tokens):

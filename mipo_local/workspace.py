@@ -110,6 +110,24 @@ MIGRATIONS: list[str] = [
         started_at REAL NOT NULL
     );
     """,
+    # 2: pairs that were generated but dropped (PMI filter), so a rerun does not sample them again;
+    #    reference log-probs cached per pair and model.
+    """
+    CREATE TABLE pair_skips (
+        pair_key TEXT PRIMARY KEY,
+        reason TEXT NOT NULL,
+        created_at REAL NOT NULL
+    );
+    CREATE TABLE ref_logps (
+        pair_id INTEGER NOT NULL REFERENCES pairs(id) ON DELETE CASCADE,
+        model_sha256 TEXT NOT NULL,
+        source TEXT NOT NULL,                    -- torch | mlx | llama.cpp
+        max_len INTEGER NOT NULL,
+        chosen REAL NOT NULL,
+        rejected REAL NOT NULL,
+        PRIMARY KEY (pair_id, model_sha256, source, max_len)
+    );
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -19,6 +19,7 @@ COMMAND_MODULES = [
     "mipo_local.cli.models_cmd",  # models list|info|pull
     "mipo_local.cli.context_cmd",  # context add|list|rm|edit
     "mipo_local.cli.prompts_cmd",  # prompts add|import|list|rm (synth lives with pairs)
+    "mipo_local.cli.pairs_cmd",  # pairs, pairs list|show|rm|export|import, prompts synth
 ]
 
 

@@ -1,0 +1,115 @@
+"""`mipo-local pairs ...` (MIPO pair generation and the pairs store) and `mipo-local prompts synth`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from .. import pairs as mipo_pairs
+from .. import pairs_store
+from ..settings import NEGATIVE_STRATEGIES, PairSettings, with_overrides
+from ..synth import synthesize_prompts
+from .common import drive, open_workspace, table
+
+
+@click.group(invoke_without_command=True)
+@click.option("--strategy", type=click.Choice(NEGATIVE_STRATEGIES), default=None, help="How the negative is sampled (default: random-context).")
+@click.option("--per-prompt", type=int, default=None, help="Pairs per prompt and context (default: 1).")
+@click.option("--candidates", type=int, default=None, help="Answers sampled per side; the best-PMI positive and worst negative are kept (default: 1).")
+@click.option("--temperature", type=float, default=None, help="Sampling temperature (default: 0.1, as in the paper).")
+@click.option("--top-p", type=float, default=None, help="Nucleus sampling (default: 0.9).")
+@click.option("--max-tokens", type=int, default=None, help="Longest answer in tokens (default: 192).")
+@click.option("--seed", type=int, default=None, help="Seed: the same seed gives the same pairs (default: 0).")
+@click.option("--score/--no-score", default=None, help="Score each pair's pointwise mutual information under the base (default: on).")
+@click.option("--min-pmi", type=float, default=None, help="Drop pairs whose PMI margin (chosen minus rejected) is below this.")
+@click.pass_context
+def pairs(ctx: click.Context, **options) -> None:
+    """Generate MIPO preference pairs: y+ with your context, y- with an unrelated one.
+
+    Resumable: run it again after Ctrl-C (or a crash) and it continues where it stopped.
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    ws = open_workspace(ctx)
+    settings = with_overrides(PairSettings(), **options)
+    summary = drive(mipo_pairs.generate_pairs(ws, settings))
+    click.echo(
+        f"{summary.generated} new pairs ({summary.already_done} already done, {summary.dropped} dropped by --min-pmi, "
+        f"{summary.skipped_prompts} prompts skipped); {ws.count('pairs')} pairs in the workspace."
+    )
+
+
+@pairs.command("list")
+@click.pass_context
+def list_cmd(ctx: click.Context) -> None:
+    """List pairs with their PMI margin."""
+    rows = []
+    for p in pairs_store.list_pairs(open_workspace(ctx)):
+        margin = "" if p.pmi_margin is None else f"{p.pmi_margin:+.2f}"
+        rows.append([str(p.id), p.strategy, margin, p.prompt, p.chosen])
+    if not rows:
+        click.echo("No pairs yet. Generate them: mipo-local pairs")
+        return
+    table(rows, ["id", "strategy", "pmi", "prompt", "chosen"])
+
+
+@pairs.command()
+@click.argument("pair_id", type=int)
+@click.pass_context
+def show(ctx: click.Context, pair_id: int) -> None:
+    """Show one pair: prompt, contexts, chosen and rejected, scores."""
+    p = pairs_store.get_pair(open_workspace(ctx), pair_id)
+    click.echo(f"Pair {p.id} ({p.strategy}, seed {p.seed})")
+    click.echo(f"Context:  {p.context}")
+    if p.neg_context:
+        click.echo(f"Negative context: {p.neg_context}")
+    if p.neg_prompt:
+        click.echo(f"Negative prompt:  {p.neg_prompt}")
+    click.echo(f"Prompt:   {p.prompt}\n\n--- chosen ---\n{p.chosen}\n\n--- rejected ---\n{p.rejected}\n")
+    if p.scores:
+        click.echo("Scores:   " + json.dumps(p.scores, indent=None))
+
+
+@pairs.command()
+@click.argument("pair_id", type=int)
+@click.pass_context
+def rm(ctx: click.Context, pair_id: int) -> None:
+    """Delete pair PAIR_ID."""
+    pairs_store.remove_pair(open_workspace(ctx), pair_id)
+    click.echo(f"Removed pair {pair_id}.")
+
+
+@pairs.command("export")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.pass_context
+def export_cmd(ctx: click.Context, file: Path) -> None:
+    """Write all pairs to FILE as JSONL (prompt/chosen/rejected + messages; works in TRL and mlx-lm-lora)."""
+    n = pairs_store.export_jsonl(open_workspace(ctx), file)
+    click.echo(f"Wrote {n} pairs to {file}.")
+
+
+@pairs.command("import")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.pass_context
+def import_cmd(ctx: click.Context, file: Path) -> None:
+    """Import pairs from a JSONL FILE (prompt/chosen/rejected, optional system). All or nothing."""
+    added, present = pairs_store.import_jsonl(open_workspace(ctx), file)
+    click.echo(f"Imported {added} pairs ({present} already present).")
+
+
+@click.command()
+@click.option("--n", "n", type=int, default=16, show_default=True, help="How many prompts to add.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed.")
+@click.pass_context
+def synth(ctx: click.Context, n: int, seed: int) -> None:
+    """Let the base model propose N questions a person with your contexts would ask."""
+    ws = open_workspace(ctx)
+    added = drive(synthesize_prompts(ws, n, seed=seed))
+    click.echo(f"Added {added} synthetic prompts.")
+
+
+def register(cli: click.Group) -> None:
+    cli.add_command(pairs)
+    cli.commands["prompts"].add_command(synth)

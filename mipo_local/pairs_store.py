@@ -1,0 +1,144 @@
+"""Pairs in the workspace: list, show, remove, and JSONL export/import in the common preference format.
+
+A line of the JSONL file works in TRL and mlx-lm-lora as it is (`prompt`/`chosen`/`rejected`, and the
+same as `messages` lists); the `mipo` object carries what an exact round trip needs (contexts, scores).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import UserInputError
+from .fsutil import atomic_write_text
+from .prompts_import import read_text_file
+from .workspace import Workspace
+
+_FIELDS = (
+    "pair_key", "prompt", "context", "neg_context", "neg_prompt", "strategy", "chosen", "rejected", "seed",
+    "settings", "scores", "pmi_margin", "source",
+)  # fmt: skip
+
+
+@dataclass
+class Pair:
+    id: int
+    pair_key: str
+    prompt: str
+    context: str
+    neg_context: str | None
+    neg_prompt: str | None
+    strategy: str
+    chosen: str
+    rejected: str
+    seed: int
+    settings: dict
+    scores: dict | None
+    pmi_margin: float | None
+    source: str
+
+    @classmethod
+    def from_row(cls, r) -> Pair:
+        return cls(
+            r["id"], r["pair_key"], r["prompt"], r["context"], r["neg_context"], r["neg_prompt"], r["strategy"],
+            r["chosen"], r["rejected"], r["seed"], json.loads(r["settings"]),
+            json.loads(r["scores"]) if r["scores"] else None, r["pmi_margin"], r["source"],
+        )  # fmt: skip
+
+
+def list_pairs(ws: Workspace) -> list[Pair]:
+    return [Pair.from_row(r) for r in ws.query("SELECT * FROM pairs ORDER BY id")]
+
+
+def get_pair(ws: Workspace, pair_id: int) -> Pair:
+    rows = ws.query("SELECT * FROM pairs WHERE id = ?", (pair_id,))
+    if not rows:
+        raise UserInputError(f"There is no pair with id {pair_id}.")
+    return Pair.from_row(rows[0])
+
+
+def remove_pair(ws: Workspace, pair_id: int) -> None:
+    with ws.transaction() as conn:
+        if conn.execute("DELETE FROM pairs WHERE id = ?", (pair_id,)).rowcount == 0:
+            raise UserInputError(f"There is no pair with id {pair_id}.")
+
+
+def to_record(p: Pair) -> dict:
+    system = [{"role": "system", "content": p.context}]
+    user = [{"role": "user", "content": p.prompt}]
+    return {
+        "prompt": p.prompt,
+        "chosen": p.chosen,
+        "rejected": p.rejected,
+        "system": p.context,
+        "messages": {
+            "chosen": system + user + [{"role": "assistant", "content": p.chosen}],
+            "rejected": system + user + [{"role": "assistant", "content": p.rejected}],
+        },
+        "mipo": {f: getattr(p, f) for f in _FIELDS if f not in ("prompt", "chosen", "rejected", "context")},
+    }
+
+
+def export_jsonl(ws: Workspace, path: Path) -> int:
+    pairs = list_pairs(ws)
+    atomic_write_text(Path(path), "".join(json.dumps(to_record(p), ensure_ascii=False) + "\n" for p in pairs))
+    return len(pairs)
+
+
+def _record_to_row(path: Path, number: int, obj) -> dict:
+    if not isinstance(obj, dict):
+        raise UserInputError(f"{path}: line {number} is not a JSON object.")
+    for field in ("prompt", "chosen", "rejected"):
+        if not isinstance(obj.get(field), str) or not obj[field].strip():
+            raise UserInputError(f"{path}: line {number} has no non-empty string field '{field}'.")
+    meta = obj.get("mipo") or {}
+    context = obj.get("system") or ""
+    if not isinstance(context, str):
+        raise UserInputError(f"{path}: line {number} has a 'system' field that is not a string.")
+    key = meta.get("pair_key") or "import-" + hashlib.sha256(
+        json.dumps([context, obj["prompt"], obj["chosen"], obj["rejected"]]).encode()
+    ).hexdigest()[:24]
+    return {
+        "pair_key": key,
+        "prompt": obj["prompt"],
+        "context": context,
+        "neg_context": meta.get("neg_context"),
+        "neg_prompt": meta.get("neg_prompt"),
+        "strategy": meta.get("strategy") or "import",
+        "chosen": obj["chosen"],
+        "rejected": obj["rejected"],
+        "seed": int(meta.get("seed") or 0),
+        "settings": json.dumps(meta.get("settings") or {}),
+        "scores": json.dumps(meta["scores"]) if meta.get("scores") else None,
+        "pmi_margin": meta.get("pmi_margin"),
+        "source": meta.get("source") or "import",
+        "created_at": time.time(),
+    }
+
+
+def import_jsonl(ws: Workspace, path: Path) -> tuple[int, int]:
+    """Import pairs; all or nothing. Returns (added, already present)."""
+    path = Path(path)
+    text = read_text_file(path)
+    rows = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise UserInputError(f"{path}: line {number} is not valid JSON ({err.msg}).") from err
+        rows.append(_record_to_row(path, number, obj))
+    if not rows:
+        raise UserInputError(f"{path} contains no pairs.")
+    added = 0
+    with ws.transaction() as conn:
+        for row in rows:
+            cur = conn.execute(
+                f"INSERT OR IGNORE INTO pairs({', '.join(row)}) VALUES ({', '.join(':' + k for k in row)})", row
+            )
+            added += cur.rowcount
+    return added, len(rows) - added

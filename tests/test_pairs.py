@@ -1,0 +1,185 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from mipo_local import pairs as mipo_pairs
+from mipo_local import pairs_store
+from mipo_local.errors import ModelError, UserInputError
+from mipo_local.personas import persona_bank
+from mipo_local.settings import PairSettings
+from tests.clihelp import run_cli
+
+FAST = PairSettings(max_tokens=8, temperature=0.8, batch_size=8)
+
+
+def _fill(ws, n_prompts=4, contexts=("I am Ana, a vegan chef in Lisbon.",)):
+    for c in contexts:
+        ws.add_context(c)
+    ws.add_prompts([f"What should I do about thing {i}?" for i in range(n_prompts)])
+
+
+def _run(ws, settings=FAST):
+    gen = mipo_pairs.generate_pairs(ws, settings)
+    while True:
+        try:
+            next(gen)
+        except StopIteration as stop:
+            return stop.value
+
+
+def _pair_view(ws):
+    return [(p.pair_key, p.chosen, p.rejected, p.neg_context, p.neg_prompt) for p in pairs_store.list_pairs(ws)]
+
+
+def test_persona_bank_is_large_and_distinct():
+    bank = persona_bank()
+    assert len(bank) >= 200 and len(set(bank)) == len(bank)
+
+
+@pytest.mark.parametrize("strategy", ["random-context", "no-context", "random-prompt"])
+def test_every_strategy_makes_scored_pairs(tiny_workspace, strategy):
+    _fill(tiny_workspace, contexts=("I am Ana.", "I am Bo, a pilot."))
+    summary = _run(tiny_workspace, PairSettings(**{**FAST.__dict__, "strategy": strategy}))
+    pairs = pairs_store.list_pairs(tiny_workspace)
+    assert summary.generated == len(pairs) == 8  # 4 prompts x 2 contexts
+    for p in pairs:
+        assert p.strategy == strategy and p.scores is not None
+        assert p.pmi_margin == pytest.approx(p.scores["pmi_chosen"] - p.scores["pmi_rejected"])
+        if strategy == "random-context":
+            assert p.neg_context and p.neg_context.casefold() != p.context.casefold()
+        if strategy == "random-prompt":
+            assert p.neg_prompt and p.neg_prompt != p.prompt
+        if strategy == "no-context":
+            assert p.neg_context is None and p.neg_prompt is None
+    # The user's other context is a possible negative too; it is never the pair's own context.
+    assert {p.context for p in pairs} == {"I am Ana.", "I am Bo, a pilot."}
+
+
+def test_same_seed_same_pairs_and_rerun_regenerates_nothing(tiny_workspace, tmp_path, tiny_gguf):
+    from mipo_local import modelsource
+    from mipo_local.workspace import Workspace
+
+    _fill(tiny_workspace)
+    _run(tiny_workspace)
+    first = _pair_view(tiny_workspace)
+    again = _run(tiny_workspace)
+    assert again.generated == 0 and again.already_done == 4
+    other = Workspace.open(tmp_path / "other", create=True)
+    modelsource.set_base_model(other, str(tiny_gguf))
+    _fill(other)
+    _run(other)
+    assert _pair_view(other) == first
+
+
+def test_min_pmi_drops_and_remembers(tiny_workspace):
+    _fill(tiny_workspace)
+    summary = _run(tiny_workspace, PairSettings(**{**FAST.__dict__, "min_pmi": 1e9}))
+    assert summary.dropped == 4 and summary.generated == 0
+    assert _run(tiny_workspace, PairSettings(**{**FAST.__dict__, "min_pmi": 1e9})).already_done == 4
+
+
+def test_candidates_keep_best_positive(tiny_workspace):
+    _fill(tiny_workspace, n_prompts=2)
+    _run(tiny_workspace, PairSettings(**{**FAST.__dict__, "candidates": 3}))
+    for p in pairs_store.list_pairs(tiny_workspace):
+        assert p.scores["pmi_chosen"] >= p.scores["pmi_rejected"]
+
+
+def test_bad_input(tiny_workspace, tmp_path):
+    with pytest.raises(UserInputError, match="no contexts"):
+        _run(tiny_workspace)
+    tiny_workspace.add_context("I am Ana.")
+    with pytest.raises(UserInputError, match="no prompts"):
+        _run(tiny_workspace)
+    tiny_workspace.add_prompts(["Q?"])
+    with pytest.raises(UserInputError, match="--max-tokens must be between"):
+        _run(tiny_workspace, PairSettings(max_tokens=0))
+    # A prompt longer than the model's window is skipped with a warning that names it.
+    tiny_workspace.add_prompts(["word " * 2100 + "?"])
+    events = list(mipo_pairs.generate_pairs(tiny_workspace, FAST))
+    warnings = [e for e in events if getattr(e, "level", "") == "warning"]
+    assert len(warnings) == 1 and "Skipped prompt 2" in warnings[0].message
+    assert tiny_workspace.count("pairs") == 1
+
+
+def test_model_removed_since_init(ws_dir, tiny_gguf, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy.gguf"
+    shutil.copy(tiny_gguf, copy)
+    assert run_cli("init", "--model", str(copy)).exit_code == 0
+    run_cli("context", "add", "I am Ana.")
+    run_cli("prompts", "add", "Q?")
+    copy.unlink()
+    r = run_cli("pairs")
+    assert r.exit_code != 0 and "was removed since `mipo-local init`" in r.stderr
+
+
+def test_jsonl_round_trip_is_identical(tiny_workspace, tmp_path):
+    from mipo_local.workspace import Workspace
+
+    _fill(tiny_workspace, n_prompts=2)
+    _run(tiny_workspace)
+    out = tmp_path / "pairs.jsonl"
+    assert pairs_store.export_jsonl(tiny_workspace, out) == 2
+    first = json.loads(out.read_text().splitlines()[0])
+    assert {"prompt", "chosen", "rejected", "messages"} <= set(first)
+    assert first["messages"]["chosen"][-1] == {"role": "assistant", "content": first["chosen"]}
+    other = Workspace.open(tmp_path / "w2", create=True)
+    assert pairs_store.import_jsonl(other, out) == (2, 0)
+    strip = lambda ps: [{k: v for k, v in p.__dict__.items() if k != "id"} for p in ps]  # noqa: E731
+    assert strip(pairs_store.list_pairs(other)) == strip(pairs_store.list_pairs(tiny_workspace))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(out.read_text().splitlines()[0] + "\n{broken\n")
+    with pytest.raises(UserInputError, match="line 2 is not valid JSON"):
+        pairs_store.import_jsonl(other, bad)
+    assert other.count("pairs") == 2
+
+
+def test_kill_9_mid_run_then_resume_equals_uninterrupted(ws_dir, tiny_gguf, tmp_path):
+    """A subprocess is killed with SIGKILL while generating; a rerun finishes and loses/regenerates nothing."""
+    from mipo_local import modelsource
+    from mipo_local.workspace import Workspace
+
+    ws = Workspace.open(ws_dir, create=True)
+    modelsource.set_base_model(ws, str(tiny_gguf))
+    _fill(ws, n_prompts=40)
+    env = {**os.environ, "MIPO_LOCAL_HOME": str(ws_dir)}
+    args = [sys.executable, "-m", "mipo_local.cli.main", "pairs", "--max-tokens", "8", "--temperature", "0.8"]
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and ws.count("pairs") < 16:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    partial = {p.pair_key: (p.chosen, p.rejected) for p in pairs_store.list_pairs(ws)}
+    assert 0 < len(partial) < 40
+    assert subprocess.run(args, env=env, capture_output=True).returncode == 0
+    final = {p.pair_key: (p.chosen, p.rejected) for p in pairs_store.list_pairs(ws)}
+    assert len(final) == 40 and all(final[k] == v for k, v in partial.items())
+    ref = Workspace.open(tmp_path / "ref", create=True)
+    modelsource.set_base_model(ref, str(tiny_gguf))
+    _fill(ref, n_prompts=40)
+    _run(ref, PairSettings(max_tokens=8, temperature=0.8))
+    assert {p.pair_key: (p.chosen, p.rejected) for p in pairs_store.list_pairs(ref)} == final
+
+
+@pytest.mark.slow
+def test_default_model_16_prompts_give_16_scored_distinct_pairs(ws_dir, default_f16_gguf):
+    assert run_cli("init").exit_code == 0
+    run_cli("context", "add", "I am Ana, a vegan chef in Lisbon. I always want very short answers.")
+    run_cli("prompts", "add", *[f"What is a good idea for {t}?" for t in [
+        "dinner", "breakfast", "a picnic", "a party", "a date", "a rainy day", "a birthday", "a holiday",
+        "a workout", "a gift", "a hobby", "a trip", "lunch", "a snack", "a weekend", "an evening"]])
+    r = run_cli("pairs", "--max-tokens", "48")
+    assert r.exit_code == 0, r.output
+    from mipo_local.workspace import Workspace
+
+    pairs = pairs_store.list_pairs(Workspace.open(ws_dir))
+    assert len(pairs) == 16
+    assert all(p.scores and p.chosen != p.rejected for p in pairs)

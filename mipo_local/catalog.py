@@ -55,7 +55,10 @@ def load_catalog(path: Path | None = None) -> list[CatalogEntry]:
         if raw["source"] not in SOURCES:
             raise UserInputError(f"{path}: model '{raw['id']}' has an unknown source '{raw['source']}'.")
         entries.append(
-            CatalogEntry(**{k: v for k, v in raw.items() if k in known}, extra={k: v for k, v in raw.items() if k not in known})
+            CatalogEntry(
+                **{k: v for k, v in raw.items() if k in known},
+                extra={k: v for k, v in raw.items() if k not in known},
+            )
         )
     return entries
 

@@ -50,7 +50,9 @@ class ChatTemplate:
     eos_token: str
 
     def __post_init__(self) -> None:
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+        env = ImmutableSandboxedEnvironment(
+            trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+        )
         env.globals["raise_exception"] = _raise_exception
         env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
         try:
@@ -79,7 +81,9 @@ class ChatTemplate:
         prompt = self.render(messages[:-1], add_generation_prompt=True)
         full = self.render(messages, add_generation_prompt=False)
         if not full.startswith(prompt):
-            raise TemplateError("The model's chat template renders the answer in a way mipo-local cannot split.")
+            raise TemplateError(
+                "The model's chat template renders the answer in a way mipo-local cannot split."
+            )
         return prompt, full[len(prompt) :].rstrip("\n")
 
 
@@ -130,7 +134,9 @@ class ChatFormat:
         reader = gguf_io.open_reader(self.path)
         source = gguf_io.field_value(reader, gguf.Keys.Tokenizer.CHAT_TEMPLATE)
         if not source:
-            raise ModelError(f"{self.path} has no chat template (tokenizer.chat_template); pick an instruct model.")
+            raise ModelError(
+                f"{self.path} has no chat template (tokenizer.chat_template); pick an instruct model."
+            )
         self.tokenizer = Tokenizer(self.path)
         tokens = reader.get_field(gguf.Keys.Tokenizer.LIST)
         eos_id = self.tokenizer.eos_id

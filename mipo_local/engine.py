@@ -106,7 +106,11 @@ class Engine:
         threads = n_threads or os.cpu_count() or 1
         # The Llama object owns the model (and the adapter); we run our own multi-sequence context on it.
         self.llm = load_llama(
-            self.path, n_ctx=64, n_batch=64, n_threads=threads, lora_path=str(lora_path) if lora_path else None
+            self.path,
+            n_ctx=64,
+            n_batch=64,
+            n_threads=threads,
+            lora_path=str(lora_path) if lora_path else None,
         )
         self.n_ctx_train = self.llm._model.n_ctx_train()
         self.n_vocab = self.llm.n_vocab()
@@ -233,11 +237,21 @@ class Engine:
                 if reason:
                     del slots[seq]
                     free.append(seq)
-                    yield GenResult(req.id, slot.tokens, self.detokenize(slot.tokens), reason, len(req.prompt))
+                    yield GenResult(
+                        req.id, slot.tokens, self.detokenize(slot.tokens), reason, len(req.prompt)
+                    )
                 else:
                     slot.pending = [tok]
 
-    def stream(self, prompt: list[int], *, max_tokens: int = 512, temperature: float = 0.7, top_p: float = 0.9, seed: int = 0) -> Iterator[str]:
+    def stream(
+        self,
+        prompt: list[int],
+        *,
+        max_tokens: int = 512,
+        temperature: float = 0.7,
+        top_p: float = 0.9,
+        seed: int = 0,
+    ) -> Iterator[str]:
         """Stream one answer as text pieces (for chat); complete UTF-8 characters only."""
         self._lc.llama_memory_clear(self.mem, True)
         rng = np.random.default_rng(seed)
@@ -271,7 +285,9 @@ class Engine:
                 prompt, response = items[order[i]]
                 n = len(prompt) + len(response)
                 if n > self.ctx_per_seq:
-                    raise ValueError(f"prompt + response of {n} tokens exceed the {self.ctx_per_seq}-token context")
+                    raise ValueError(
+                        f"prompt + response of {n} tokens exceed the {self.ctx_per_seq}-token context"
+                    )
                 if entries and len(entries) + n > self.n_batch:
                     break
                 if n > self.n_batch:
@@ -286,7 +302,11 @@ class Engine:
             self._decode(entries)
             for idx, _seq, start in group:
                 response = items[idx][1]
-                rows = np.stack([self._logits(start + k) for k in range(len(response))]) if response else np.zeros((0, self.n_vocab))
+                rows = (
+                    np.stack([self._logits(start + k) for k in range(len(response))])
+                    if response
+                    else np.zeros((0, self.n_vocab))
+                )
                 lp = log_softmax(rows) if len(response) else rows
                 results[idx] = lp[np.arange(len(response)), response] if len(response) else np.zeros(0)
         return [r for r in results]  # type: ignore[misc]

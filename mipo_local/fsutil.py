@@ -89,3 +89,30 @@ def require_free_space(directory: Path, needed_bytes: int, what: str) -> None:
             f"Not enough free disk space in {directory} for {what}: "
             f"{needed_bytes / 1e6:.0f} MB needed, {free / 1e6:.0f} MB free."
         )
+
+
+@contextlib.contextmanager
+def atomic_dir(target: Path) -> Iterator[Path]:
+    """Yield a private temp directory beside `target`; on success it replaces `target` in one rename.
+
+    An existing `target` is moved aside first and removed after the swap, so readers see the old or the new
+    directory, never a mix.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent))
+    os.chmod(tmp, PRIVATE_DIR)
+    try:
+        yield tmp
+        old = None
+        if target.exists():
+            old = target.with_name(f".{target.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(target, old)
+        os.replace(tmp, target)
+        _fsync_dir(target.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

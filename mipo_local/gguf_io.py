@@ -89,11 +89,15 @@ def open_reader(path: str | os.PathLike) -> gguf.GGUFReader:
     try:
         reader = gguf.GGUFReader(path, "r")
     except Exception as err:  # gguf-py raises ValueError/IndexError/etc. on damaged files
-        raise ModelError(f"{path} is a damaged or truncated GGUF file ({type(err).__name__}: {err}).") from err
+        raise ModelError(
+            f"{path} is a damaged or truncated GGUF file ({type(err).__name__}: {err})."
+        ) from err
     size = path.stat().st_size
     end = max((t.data_offset + t.n_bytes for t in reader.tensors), default=0)
     if end > size:
-        raise ModelError(f"{path} is a truncated GGUF file: its tensors need {end} bytes, the file has {size}.")
+        raise ModelError(
+            f"{path} is a truncated GGUF file: its tensors need {end} bytes, the file has {size}."
+        )
     return reader
 
 
@@ -126,7 +130,9 @@ def read_info(path: str | os.PathLike, *, check_arch: bool = True) -> GGUFInfo:
             f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}."
         )
     tensors = [
-        TensorInfo(t.name, tuple(int(x) for x in reversed(t.shape.tolist())), t.tensor_type, int(t.n_elements))
+        TensorInfo(
+            t.name, tuple(int(x) for x in reversed(t.shape.tolist())), t.tensor_type, int(t.n_elements)
+        )
         for t in reader.tensors
     ]
     return GGUFInfo(
@@ -161,7 +167,11 @@ def iter_float_tensors(reader: gguf.GGUFReader) -> Iterator[tuple[str, np.ndarra
 
 
 def copy_metadata(
-    reader: gguf.GGUFReader, writer: gguf.GGUFWriter, *, skip: Iterable[str] = (), overrides: dict | None = None
+    reader: gguf.GGUFReader,
+    writer: gguf.GGUFWriter,
+    *,
+    skip: Iterable[str] = (),
+    overrides: dict | None = None,
 ) -> None:
     """Copy every key/value of `reader` into `writer` with its exact type, except `skip` and GGUF.*."""
     skip = set(skip) | {gguf.Keys.General.ARCHITECTURE}  # the writer adds the architecture itself
@@ -223,5 +233,9 @@ def dequantize_to_f16(
     """
     reader = open_reader(source)
     tensors = ((name, f16_storage(name, arr)) for name, arr in iter_float_tensors(reader))
-    extra = {gguf.Keys.Tokenizer.CHAT_TEMPLATE: (chat_template, gguf.GGUFValueType.STRING)} if chat_template else None
+    extra = (
+        {gguf.Keys.Tokenizer.CHAT_TEMPLATE: (chat_template, gguf.GGUFValueType.STRING)}
+        if chat_template
+        else None
+    )
     return write_gguf(target, reader, tensors, file_type=gguf.LlamaFileType.MOSTLY_F16, extra_metadata=extra)

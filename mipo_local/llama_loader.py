@@ -37,7 +37,9 @@ def load_llama(path: str | os.PathLike, **kwargs: Any):
     _quiet()
     path = Path(path)
     if not path.is_file():
-        raise ModelError(f"Model file not found: {path}.", hint="Run `mipo-local init` to prepare the model again.")
+        raise ModelError(
+            f"Model file not found: {path}.", hint="Run `mipo-local init` to prepare the model again."
+        )
     kwargs.setdefault("verbose", False)
     try:
         return Llama(str(path), **kwargs)

@@ -143,7 +143,9 @@ def resolve_ollama(name: str) -> Path:
         raise ModelError(f"The Ollama manifest {manifest} is not readable or lists no model layer.") from err
     blob = root / "blobs" / digest.replace(":", "-")
     if not blob.is_file():
-        raise ModelError(f"The Ollama model '{name}' lists the blob {digest}, which is missing from {root / 'blobs'}.")
+        raise ModelError(
+            f"The Ollama model '{name}' lists the blob {digest}, which is missing from {root / 'blobs'}."
+        )
     return blob
 
 
@@ -182,7 +184,9 @@ def pull(repo: str, filename: str) -> Path:
     except LocalEntryNotFoundError as err:
         offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
         why = "HF_HUB_OFFLINE is set" if offline else "the Hugging Face Hub cannot be reached"
-        raise NetworkError(f"Cannot download {repo}/{filename}: {why} and it is not in the local cache.") from err
+        raise NetworkError(
+            f"Cannot download {repo}/{filename}: {why} and it is not in the local cache."
+        ) from err
     except RepositoryNotFoundError as err:
         raise NetworkError(f"The Hugging Face repository '{repo}' does not exist or is private.") from err
     except EntryNotFoundError as err:
@@ -239,7 +243,9 @@ def base_model(ws: Workspace) -> BaseModel:
     """The workspace's recorded base model; a clear error when none is set or its file is gone."""
     raw = ws.get_config(CONFIG_KEY)
     if raw is None:
-        raise WorkspaceError("This workspace has no base model.", hint="Run `mipo-local init [--model SPEC]`.")
+        raise WorkspaceError(
+            "This workspace has no base model.", hint="Run `mipo-local init [--model SPEC]`."
+        )
     model = BaseModel(**raw)
     if not model.file.is_file():
         raise ModelError(

@@ -61,7 +61,9 @@ class PairsSummary:
 
 def validate(settings: PairSettings) -> None:
     if settings.strategy not in NEGATIVE_STRATEGIES:
-        raise UserInputError(f"--strategy must be one of {', '.join(NEGATIVE_STRATEGIES)}, not '{settings.strategy}'.")
+        raise UserInputError(
+            f"--strategy must be one of {', '.join(NEGATIVE_STRATEGIES)}, not '{settings.strategy}'."
+        )
     lo, hi = MAX_TOKENS_RANGE
     if not lo <= settings.max_tokens <= hi:
         raise UserInputError(f"--max-tokens must be between {lo} and {hi}, not {settings.max_tokens}.")
@@ -87,10 +89,19 @@ def plan_pairs(ws: Workspace, settings: PairSettings) -> list[PairPlan]:
     if not contexts:
         raise UserInputError("There are no contexts yet.", hint='Add one: mipo-local context add "I am ..."')
     if not prompts:
-        raise UserInputError("There are no prompts yet.", hint="Add some: mipo-local prompts add ... or prompts synth --n 16")
+        raise UserInputError(
+            "There are no prompts yet.", hint="Add some: mipo-local prompts add ... or prompts synth --n 16"
+        )
     if settings.strategy == "random-prompt" and len(prompts) < 2:
         raise UserInputError("The random-prompt strategy needs at least two prompts.")
-    recipe = (settings.strategy, settings.temperature, settings.top_p, settings.max_tokens, settings.candidates, settings.seed)
+    recipe = (
+        settings.strategy,
+        settings.temperature,
+        settings.top_p,
+        settings.max_tokens,
+        settings.candidates,
+        settings.seed,
+    )
     plans = []
     for c in contexts:
         pool = negative_pool(c.text, [o.text for o in contexts if o.id != c.id])
@@ -105,7 +116,17 @@ def plan_pairs(ws: Workspace, settings: PairSettings) -> list[PairPlan]:
                     others = [q.text for q in prompts if q.id != p.id]
                     neg_prompt = others[int(rng.integers(len(others)))]
                 plans.append(
-                    PairPlan(key, p.id, c.id, p.text, c.text, neg_context, neg_prompt, settings.strategy, _stable_int(key, "seed"))
+                    PairPlan(
+                        key,
+                        p.id,
+                        c.id,
+                        p.text,
+                        c.text,
+                        neg_context,
+                        neg_prompt,
+                        settings.strategy,
+                        _stable_int(key, "seed"),
+                    )
                 )
     return plans
 
@@ -127,7 +148,10 @@ def generate_pairs(ws: Workspace, settings: PairSettings) -> Generator[Progress 
         todo = [p for p in plans if p.key not in done]
         summary = PairsSummary(len(plans), len(plans) - len(todo), 0, 0, 0)
         if summary.already_done:
-            yield Log("pairs", f"{summary.already_done} of {len(plans)} pairs already done; continuing with the rest.")
+            yield Log(
+                "pairs",
+                f"{summary.already_done} of {len(plans)} pairs already done; continuing with the rest.",
+            )
         if not todo:
             return summary
         cf = chat_format(str(model.file))
@@ -182,7 +206,9 @@ def generate_pairs(ws: Workspace, settings: PairSettings) -> Generator[Progress 
                 summary.generated += len(rows)
                 summary.dropped += len(dropped)
                 finished += len(chunk)
-                yield clock.event("pairs", finished, unit="pairs", kept=summary.generated, dropped=summary.dropped)
+                yield clock.event(
+                    "pairs", finished, unit="pairs", kept=summary.generated, dropped=summary.dropped
+                )
         finally:
             engine.close()
         return summary

@@ -98,9 +98,13 @@ def _record_to_row(path: Path, number: int, obj) -> dict:
     context = obj.get("system") or ""
     if not isinstance(context, str):
         raise UserInputError(f"{path}: line {number} has a 'system' field that is not a string.")
-    key = meta.get("pair_key") or "import-" + hashlib.sha256(
-        json.dumps([context, obj["prompt"], obj["chosen"], obj["rejected"]]).encode()
-    ).hexdigest()[:24]
+    key = (
+        meta.get("pair_key")
+        or "import-"
+        + hashlib.sha256(
+            json.dumps([context, obj["prompt"], obj["chosen"], obj["rejected"]]).encode()
+        ).hexdigest()[:24]
+    )
     return {
         "pair_key": key,
         "prompt": obj["prompt"],
@@ -138,7 +142,8 @@ def import_jsonl(ws: Workspace, path: Path) -> tuple[int, int]:
     with ws.transaction() as conn:
         for row in rows:
             cur = conn.execute(
-                f"INSERT OR IGNORE INTO pairs({', '.join(row)}) VALUES ({', '.join(':' + k for k in row)})", row
+                f"INSERT OR IGNORE INTO pairs({', '.join(row)}) VALUES ({', '.join(':' + k for k in row)})",
+                row,
             )
             added += cur.rowcount
     return added, len(rows) - added

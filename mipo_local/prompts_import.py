@@ -86,7 +86,9 @@ def _parse_chatgpt(path: Path, text: str) -> list[str]:
     for i, conv in enumerate(conversations, start=1):
         mapping = conv.get("mapping") if isinstance(conv, dict) else None
         if not isinstance(mapping, dict):
-            raise UserInputError(f"{path}: conversation #{i} has no 'mapping'; is this a ChatGPT conversations.json?")
+            raise UserInputError(
+                f"{path}: conversation #{i} has no 'mapping'; is this a ChatGPT conversations.json?"
+            )
         nodes = [n.get("message") for n in mapping.values() if isinstance(n, dict) and n.get("message")]
         nodes.sort(key=lambda m: m.get("create_time") or 0)
         for message in nodes:

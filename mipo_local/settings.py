@@ -51,6 +51,7 @@ class TrainSettings:
     seed: int = 0
     threads: int | None = None  # None: torch / MLX defaults
     grad_checkpointing: bool = False
+    precision: str = "auto"  # auto (bf16 where fast: CUDA, AVX512-BF16/AMX CPUs) | bf16 | fp32
 
 
 @dataclass

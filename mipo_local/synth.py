@@ -24,14 +24,16 @@ INSTRUCTION = (
     "Write one short question about {topic} that this person might ask an AI assistant. "
     "Write it in the first person. Reply with the question only."
 )
-_META = re.compile(r"^(what a |great question|sure|here|as an ai|i'm sorry|you said)|\"|\bquestion\b", re.IGNORECASE)
+_META = re.compile(
+    r"^(what a |great question|sure|here|as an ai|i'm sorry|you said)|\"|\bquestion\b", re.IGNORECASE
+)
 _PREFIX = re.compile(r"^\s*(?:[-*+]|\d+[.)]|q(?:uestion)?\s*\d*\s*[:.)-])\s*", re.IGNORECASE)
 
 
 def clean_candidate(text: str) -> str | None:
     """The question in a model's answer, or None when it is not a usable question."""
     line = next((ln.strip() for ln in text.strip().splitlines() if ln.strip()), "")
-    line = _PREFIX.sub("", line).strip().strip('"“”\'').strip()
+    line = _PREFIX.sub("", line).strip().strip("\"“”'").strip()
     if "?" in line:
         line = line[: line.index("?") + 1]
     if not (12 <= len(line) <= 200) or not line.endswith("?") or _META.search(line):
@@ -39,7 +41,9 @@ def clean_candidate(text: str) -> str | None:
     return line
 
 
-def synthesize_prompts(ws: Workspace, n: int, *, seed: int = 0, temperature: float = 0.9) -> Generator[Progress | Log, None, int]:
+def synthesize_prompts(
+    ws: Workspace, n: int, *, seed: int = 0, temperature: float = 0.9
+) -> Generator[Progress | Log, None, int]:
     """Add up to `n` synthetic prompts. Yields progress; returns how many were added."""
     from .engine import Engine, GenRequest
 
@@ -47,7 +51,10 @@ def synthesize_prompts(ws: Workspace, n: int, *, seed: int = 0, temperature: flo
         raise UserInputError(f"--n must be between 1 and 1000, not {n}.")
     contexts = ws.contexts()
     if not contexts:
-        raise UserInputError("There are no contexts yet: synthesis needs to know who you are.", hint='Run: mipo-local context add "I am ..."')
+        raise UserInputError(
+            "There are no contexts yet: synthesis needs to know who you are.",
+            hint='Run: mipo-local context add "I am ..."',
+        )
     model = modelsource.base_model(ws)
     cf = chat_format(str(model.file))
     existing = {normalize_text(p.text).casefold() for p in ws.prompts()}
@@ -63,7 +70,16 @@ def synthesize_prompts(ws: Workspace, n: int, *, seed: int = 0, temperature: flo
                     c = contexts[attempt % len(contexts)]
                     topic = TOPICS[(attempt * 7 + seed) % len(TOPICS)]
                     ids = cf.prompt_ids(None, INSTRUCTION.format(context=c.text, topic=topic))
-                    batch.append(GenRequest(ids, max_tokens=48, temperature=temperature, top_p=0.95, seed=seed * 100003 + attempt, id=attempt))
+                    batch.append(
+                        GenRequest(
+                            ids,
+                            max_tokens=48,
+                            temperature=temperature,
+                            top_p=0.95,
+                            seed=seed * 100003 + attempt,
+                            id=attempt,
+                        )
+                    )
                     attempt += 1
                 fresh = []
                 for result in sorted(engine.generate(batch), key=lambda r: r.id):
@@ -80,5 +96,9 @@ def synthesize_prompts(ws: Workspace, n: int, *, seed: int = 0, temperature: flo
         finally:
             engine.close()
     if added < n:
-        yield Log("synth", f"Only {added} usable questions out of {attempt} tries; add a few prompts by hand.", "warning")
+        yield Log(
+            "synth",
+            f"Only {added} usable questions out of {attempt} tries; add a few prompts by hand.",
+            "warning",
+        )
     return added

@@ -333,7 +333,8 @@ class Workspace:
         if source:
             sql, params = sql + " WHERE source = ?", (source,)
         return [
-            Prompt(r["id"], r["text"], r["source"], r["created_at"]) for r in self.query(sql + " ORDER BY id", params)
+            Prompt(r["id"], r["text"], r["source"], r["created_at"])
+            for r in self.query(sql + " ORDER BY id", params)
         ]
 
     def remove_prompt(self, prompt_id: int) -> None:

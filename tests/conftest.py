@@ -52,7 +52,9 @@ def tiny_gguf(tmp_path_factory, default_source_gguf) -> Path:
 def tiny_gguf_q8(tmp_path_factory, default_source_gguf) -> Path:
     """The same tiny model with Q8_0 matrices (MLX loads these as quantized arrays)."""
     return build_tiny_llama(
-        default_source_gguf, tmp_path_factory.mktemp("tiny") / "tiny-q8_0.gguf", TinyConfig(weight_type="Q8_0")
+        default_source_gguf,
+        tmp_path_factory.mktemp("tiny") / "tiny-q8_0.gguf",
+        TinyConfig(weight_type="Q8_0"),
     )
 
 

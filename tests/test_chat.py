@@ -5,7 +5,10 @@ from mipo_local.llama_loader import load_llama
 def test_prompt_render_uses_the_gguf_template(tiny_gguf):
     cf = ChatFormat(tiny_gguf)
     text = cf.prompt_text("I am Ana.", "Hi?")
-    assert text == "<|im_start|>system\nI am Ana.<|im_end|>\n<|im_start|>user\nHi?<|im_end|>\n<|im_start|>assistant\n"
+    assert (
+        text
+        == "<|im_start|>system\nI am Ana.<|im_end|>\n<|im_start|>user\nHi?<|im_end|>\n<|im_start|>assistant\n"
+    )
     # Without a context the model's own default system turn appears (SmolLM2's template adds one).
     assert "<|im_start|>user\nHi?" in cf.prompt_text(None, "Hi?")
 

@@ -16,7 +16,9 @@ def engine(tiny_gguf):
 def _requests(tiny_gguf, n, temperature=0.8):
     cf = chat_format(str(tiny_gguf))
     return [
-        GenRequest(cf.prompt_ids("I am Ana.", f"Question {i}?"), max_tokens=12, temperature=temperature, seed=i, id=i)
+        GenRequest(
+            cf.prompt_ids("I am Ana.", f"Question {i}?"), max_tokens=12, temperature=temperature, seed=i, id=i
+        )
         for i in range(n)
     ]
 

@@ -79,7 +79,7 @@ def test_catalog_is_valid():
     assert {e.architecture for e in entries} >= {"llama", "qwen2", "gemma3"}
     for e in entries:
         assert e.size_mb > 0 and e.license
-        assert (e.package if e.source == "pypi" else e.repo), e.id
+        assert e.package if e.source == "pypi" else e.repo, e.id
         if e.chat_template:
             assert "{%" in catalog.builtin_template(e.chat_template)
 

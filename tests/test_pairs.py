@@ -33,7 +33,9 @@ def _run(ws, settings=FAST):
 
 
 def _pair_view(ws):
-    return [(p.pair_key, p.chosen, p.rejected, p.neg_context, p.neg_prompt) for p in pairs_store.list_pairs(ws)]
+    return [
+        (p.pair_key, p.chosen, p.rejected, p.neg_context, p.neg_prompt) for p in pairs_store.list_pairs(ws)
+    ]
 
 
 def test_persona_bank_is_large_and_distinct():
@@ -173,9 +175,31 @@ def test_kill_9_mid_run_then_resume_equals_uninterrupted(ws_dir, tiny_gguf, tmp_
 def test_default_model_16_prompts_give_16_scored_distinct_pairs(ws_dir, default_f16_gguf):
     assert run_cli("init").exit_code == 0
     run_cli("context", "add", "I am Ana, a vegan chef in Lisbon. I always want very short answers.")
-    run_cli("prompts", "add", *[f"What is a good idea for {t}?" for t in [
-        "dinner", "breakfast", "a picnic", "a party", "a date", "a rainy day", "a birthday", "a holiday",
-        "a workout", "a gift", "a hobby", "a trip", "lunch", "a snack", "a weekend", "an evening"]])
+    run_cli(
+        "prompts",
+        "add",
+        *[
+            f"What is a good idea for {t}?"
+            for t in [
+                "dinner",
+                "breakfast",
+                "a picnic",
+                "a party",
+                "a date",
+                "a rainy day",
+                "a birthday",
+                "a holiday",
+                "a workout",
+                "a gift",
+                "a hobby",
+                "a trip",
+                "lunch",
+                "a snack",
+                "a weekend",
+                "an evening",
+            ]
+        ],
+    )
     r = run_cli("pairs", "--max-tokens", "48")
     assert r.exit_code == 0, r.output
     from mipo_local.workspace import Workspace

@@ -35,9 +35,23 @@ def test_chatgpt_export_user_turns(tmp_path):
         "title": "t",
         "mapping": {
             "a": {"message": {"author": {"role": "system"}, "content": {"parts": ["sys"]}, "create_time": 1}},
-            "b": {"message": {"author": {"role": "user"}, "content": {"parts": ["How do I knit?"]}, "create_time": 2}},
-            "c": {"message": {"author": {"role": "assistant"}, "content": {"parts": ["Like so"]}, "create_time": 3}},
-            "d": {"message": {"author": {"role": "user"}, "content": {"parts": ["And purl?"]}, "create_time": 4}},
+            "b": {
+                "message": {
+                    "author": {"role": "user"},
+                    "content": {"parts": ["How do I knit?"]},
+                    "create_time": 2,
+                }
+            },
+            "c": {
+                "message": {
+                    "author": {"role": "assistant"},
+                    "content": {"parts": ["Like so"]},
+                    "create_time": 3,
+                }
+            },
+            "d": {
+                "message": {"author": {"role": "user"}, "content": {"parts": ["And purl?"]}, "create_time": 4}
+            },
             "root": {"message": None},
         },
     }

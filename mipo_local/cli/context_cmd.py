@@ -18,7 +18,13 @@ def context() -> None:
 
 @context.command()
 @click.argument("text", required=False)
-@click.option("--file", "-f", "file", type=click.Path(dir_okay=False, path_type=Path), help="Read the context from a UTF-8 text file.")
+@click.option(
+    "--file",
+    "-f",
+    "file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Read the context from a UTF-8 text file.",
+)
 @click.option("--label", default=None, help="A short name for this context (optional).")
 @click.pass_context
 def add(ctx: click.Context, text: str | None, file: Path | None, label: str | None) -> None:
@@ -41,7 +47,7 @@ def list_contexts(ctx: click.Context) -> None:
     ws = open_workspace(ctx)
     rows = [[str(c.id), c.label or "", c.text] for c in ws.contexts()]
     if not rows:
-        click.echo("No contexts yet. Add one: mipo-local context add \"I am ...\"")
+        click.echo('No contexts yet. Add one: mipo-local context add "I am ..."')
         return
     table(rows, ["id", "label", "text"])
 

@@ -7,6 +7,7 @@ stderr and a non-zero exit; Ctrl-C becomes `Cancelled` (exit 130) after the job 
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 import click
@@ -20,6 +21,7 @@ COMMAND_MODULES = [
     "mipo_local.cli.context_cmd",  # context add|list|rm|edit
     "mipo_local.cli.prompts_cmd",  # prompts add|import|list|rm (synth lives with pairs)
     "mipo_local.cli.pairs_cmd",  # pairs, pairs list|show|rm|export|import, prompts synth
+    "mipo_local.cli.train_cmd",  # train, runs list|show
 ]
 
 
@@ -62,6 +64,7 @@ for _name in COMMAND_MODULES:
 
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point; returns the exit code."""
+    os.umask(0o077)  # everything mipo-local writes (pairs, checkpoints, Modelfiles) is readable by its owner only
     try:
         cli.main(args=argv, prog_name="mipo-local", standalone_mode=False)
     except click.exceptions.Exit as exc:

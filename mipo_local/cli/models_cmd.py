@@ -19,7 +19,17 @@ def list_models() -> None:
     rows = []
     for e in catalog.load_catalog():
         where = f"pip: {e.package}" if e.source == "pypi" else f"hf: {e.repo}/{e.file}"
-        rows.append([e.id + (" *" if e.default else ""), e.name, e.architecture, e.params, f"{e.size_mb} MB", e.license, where])
+        rows.append(
+            [
+                e.id + (" *" if e.default else ""),
+                e.name,
+                e.architecture,
+                e.params,
+                f"{e.size_mb} MB",
+                e.license,
+                where,
+            ]
+        )
     table(rows, ["id", "name", "arch", "params", "size", "license", "source"])
     click.echo("\n* the embedded default. Use an id with `mipo-local init --model ID`.")
 

@@ -15,15 +15,36 @@ from .common import drive, open_workspace, table
 
 
 @click.group(invoke_without_command=True)
-@click.option("--strategy", type=click.Choice(NEGATIVE_STRATEGIES), default=None, help="How the negative is sampled (default: random-context).")
+@click.option(
+    "--strategy",
+    type=click.Choice(NEGATIVE_STRATEGIES),
+    default=None,
+    help="How the negative is sampled (default: random-context).",
+)
 @click.option("--per-prompt", type=int, default=None, help="Pairs per prompt and context (default: 1).")
-@click.option("--candidates", type=int, default=None, help="Answers sampled per side; the best-PMI positive and worst negative are kept (default: 1).")
-@click.option("--temperature", type=float, default=None, help="Sampling temperature (default: 0.1, as in the paper).")
+@click.option(
+    "--candidates",
+    type=int,
+    default=None,
+    help="Answers sampled per side; the best-PMI positive and worst negative are kept (default: 1).",
+)
+@click.option(
+    "--temperature", type=float, default=None, help="Sampling temperature (default: 0.1, as in the paper)."
+)
 @click.option("--top-p", type=float, default=None, help="Nucleus sampling (default: 0.9).")
 @click.option("--max-tokens", type=int, default=None, help="Longest answer in tokens (default: 192).")
 @click.option("--seed", type=int, default=None, help="Seed: the same seed gives the same pairs (default: 0).")
-@click.option("--score/--no-score", default=None, help="Score each pair's pointwise mutual information under the base (default: on).")
-@click.option("--min-pmi", type=float, default=None, help="Drop pairs whose PMI margin (chosen minus rejected) is below this.")
+@click.option(
+    "--score/--no-score",
+    default=None,
+    help="Score each pair's pointwise mutual information under the base (default: on).",
+)
+@click.option(
+    "--min-pmi",
+    type=float,
+    default=None,
+    help="Drop pairs whose PMI margin (chosen minus rejected) is below this.",
+)
 @click.pass_context
 def pairs(ctx: click.Context, **options) -> None:
     """Generate MIPO preference pairs: y+ with your context, y- with an unrelated one.

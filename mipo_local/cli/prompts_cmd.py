@@ -18,7 +18,9 @@ def prompts() -> None:
 def _report(added: int, duplicates: list[str]) -> None:
     click.echo(f"Added {added} prompt{'s' if added != 1 else ''}.")
     if duplicates:
-        click.echo(f"Skipped {len(duplicates)} duplicate{'s' if len(duplicates) != 1 else ''} (kept once):", err=True)
+        click.echo(
+            f"Skipped {len(duplicates)} duplicate{'s' if len(duplicates) != 1 else ''} (kept once):", err=True
+        )
         for text in duplicates[:10]:
             click.echo(f"  {text[:80]}", err=True)
 
@@ -47,14 +49,21 @@ def import_prompts(ctx: click.Context, file: Path) -> None:
 
 
 @prompts.command("list")
-@click.option("--source", type=click.Choice(["user", "import", "synthetic"]), default=None, help="Only prompts of this origin.")
+@click.option(
+    "--source",
+    type=click.Choice(["user", "import", "synthetic"]),
+    default=None,
+    help="Only prompts of this origin.",
+)
 @click.pass_context
 def list_prompts(ctx: click.Context, source: str | None) -> None:
     """List prompts."""
     ws = open_workspace(ctx)
     rows = [[str(p.id), p.source, p.text] for p in ws.prompts(source)]
     if not rows:
-        click.echo("No prompts yet. Add some: mipo-local prompts add \"...\" or mipo-local prompts synth --n 16")
+        click.echo(
+            'No prompts yet. Add some: mipo-local prompts add "..." or mipo-local prompts synth --n 16'
+        )
         return
     table(rows, ["id", "source", "prompt"])
 

@@ -35,8 +35,12 @@ def init(ctx: click.Context, spec: str | None) -> None:
     ws = Workspace.open(root, create=True)
     model = modelsource.set_base_model(ws, spec)
     click.echo(f"Workspace: {ws.root}{'' if existed else ' (created)'}")
-    click.echo(f"Base model: {model.name} [{model.architecture}, {model.n_params / 1e6:.0f}M params] ready at {model.path}")
-    click.echo("Next: `mipo-local context add \"...\"` then `mipo-local prompts add \"...\"` (or run `mipo-local`).")
+    click.echo(
+        f"Base model: {model.name} [{model.architecture}, {model.n_params / 1e6:.0f}M params] ready at {model.path}"
+    )
+    click.echo(
+        'Next: `mipo-local context add "..."` then `mipo-local prompts add "..."` (or run `mipo-local`).'
+    )
 
 
 @click.command()
@@ -51,7 +55,9 @@ def status(ctx: click.Context) -> None:
     else:
         model = modelsource.BaseModel(**raw)
         state = "ready" if model.file.is_file() else "MISSING (run `mipo-local init`)"
-        click.echo(f"Base model: {model.name} [{model.architecture}, {model.n_params / 1e6:.0f}M params] {state}")
+        click.echo(
+            f"Base model: {model.name} [{model.architecture}, {model.n_params / 1e6:.0f}M params] {state}"
+        )
         click.echo(f"            {model.path}")
     n_syn = len(ws.prompts(source="synthetic"))
     click.echo(f"Contexts:   {ws.count('contexts')}")

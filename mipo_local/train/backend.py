@@ -20,7 +20,15 @@ from ..chat import EncodedPair
 class LoraConfig:
     rank: int = 8
     alpha: float = 16.0
-    targets: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")  # keys of gguf_io.LORA_TARGET_TENSORS
+    targets: tuple[str, ...] = (
+        "q",
+        "k",
+        "v",
+        "o",
+        "gate",
+        "up",
+        "down",
+    )  # keys of gguf_io.LORA_TARGET_TENSORS
     dropout: float = 0.0
 
     @property

@@ -1,0 +1,128 @@
+"""`mipo-local train` and `mipo-local runs list|show`."""
+
+from __future__ import annotations
+
+import click
+
+from ..settings import TrainSettings, with_overrides
+from ..train import runs as run_store
+from ..train.loop import train as train_job
+from .common import drive, open_workspace, table
+
+
+def _targets(_ctx, _param, value):
+    return None if value is None else tuple(t.strip() for t in value.split(",") if t.strip())
+
+
+@click.command()
+@click.option(
+    "--backend",
+    type=click.Choice(["auto", "mlx", "torch"]),
+    default=None,
+    help="auto: MLX on Apple Silicon, torch elsewhere.",
+)
+@click.option(
+    "--device",
+    type=click.Choice(["auto", "cpu", "cuda"]),
+    default=None,
+    help="torch device (auto: CUDA when available).",
+)
+@click.option("--epochs", type=int, default=None, help="Passes over the training pairs (default: 1).")
+@click.option("--lr", type=float, default=None, help="Peak learning rate (default: 5e-5).")
+@click.option("--beta", type=float, default=None, help="DPO beta (default: 0.1).")
+@click.option("--rank", type=int, default=None, help="LoRA rank (default: 8).")
+@click.option("--alpha", type=float, default=None, help="LoRA alpha (default: 16).")
+@click.option(
+    "--targets",
+    callback=_targets,
+    default=None,
+    help="LoRA targets, comma-separated from q,k,v,o,gate,up,down (default: all).",
+)
+@click.option("--batch-size", type=int, default=None, help="Pairs per micro-batch (default: 1).")
+@click.option("--grad-accum", type=int, default=None, help="Micro-batches per optimizer step (default: 4).")
+@click.option(
+    "--max-len",
+    type=int,
+    default=None,
+    help="Prompt + response tokens; longer responses are cut (default: 512).",
+)
+@click.option(
+    "--ref",
+    type=click.Choice(["cached", "llama.cpp"]),
+    default=None,
+    help="Reference log-probs: by the backend with the adapter off (exact), or llama.cpp.",
+)
+@click.option(
+    "--precision",
+    type=click.Choice(["auto", "bf16", "fp32"]),
+    default=None,
+    help="torch compute precision (auto: bf16 where fast).",
+)
+@click.option("--threads", type=int, default=None, help="CPU threads for training.")
+@click.option(
+    "--resume", is_flag=True, help="Continue the named run (or the latest) from its last checkpoint."
+)
+@click.option("--run", "run_name", default=None, help="Run name (default: run-N).")
+@click.option(
+    "--seed",
+    type=int,
+    default=None,
+    help="Seed for LoRA init, data order and the held-out split (default: 0).",
+)
+@click.pass_context
+def train(ctx: click.Context, resume: bool, run_name: str | None, **options) -> None:
+    """Fine-tune the base model on your pairs with LoRA DPO. Resumable with --resume."""
+    ws = open_workspace(ctx)
+    settings = with_overrides(TrainSettings(), **options)
+    summary = drive(train_job(ws, settings, run_name=run_name, resume=resume))
+    final = summary.final
+    held = (
+        f"held-out accuracy {final['accuracy']:.2f}, margin {final['margin']:.3f}"
+        if final
+        else "no held-out pairs"
+    )
+    click.echo(
+        f"Run '{summary.run}' finished: {summary.steps} steps on {summary.train_pairs} pairs, {held} ({summary.seconds:.0f} s)."
+    )
+    click.echo("Next: mipo-local export")
+
+
+@click.group()
+def runs() -> None:
+    """Training runs in this workspace."""
+
+
+@runs.command("list")
+@click.pass_context
+def list_cmd(ctx: click.Context) -> None:
+    """List runs with their status and final held-out metrics."""
+    rows = []
+    for r in run_store.list_runs(open_workspace(ctx)):
+        final = (r.summary or {}).get("final") or {}
+        acc = f"{final['accuracy']:.2f}" if "accuracy" in final else ""
+        rows.append([r.name, r.status, r.backend or "", str((r.summary or {}).get("steps", "")), acc])
+    if not rows:
+        click.echo("No runs yet. Train one: mipo-local train")
+        return
+    table(rows, ["name", "status", "backend", "steps", "heldout acc"])
+
+
+@runs.command()
+@click.argument("name")
+@click.pass_context
+def show(ctx: click.Context, name: str) -> None:
+    """Show a run's settings and its logged metrics."""
+    ws = open_workspace(ctx)
+    run = run_store.require_run(ws, name)
+    click.echo(f"Run {run.name}: {run.status}, backend {run.backend}")
+    click.echo("Settings: " + ", ".join(f"{k}={v}" for k, v in run.settings.items()))
+    for line in run_store.read_log(ws, run.id):
+        if line["kind"] in ("train", "eval"):
+            click.echo(
+                f"  {line['kind']:5} step {line['step']:4}  loss {line.get('loss', float('nan')):.4f}  acc {line.get('accuracy', 0):.2f}  margin {line.get('margin', 0):+.3f}"
+            )
+
+
+def register(cli: click.Group) -> None:
+    cli.add_command(train)
+    cli.add_command(runs)

@@ -1,0 +1,38 @@
+"""The sigmoid DPO loss (Rafailov et al. 2023) as plain math both backends call.
+
+With summed response log-probs (prompt tokens masked) of the policy (pi) and the reference (ref):
+
+    r_chosen   = beta * (log pi(y+|x) - log ref(y+|x))
+    r_rejected = beta * (log pi(y-|x) - log ref(y-|x))
+    loss       = -log sigmoid(r_chosen - r_rejected)          averaged over pairs
+
+`xp` is the array module (numpy, torch or mlx.core): the formula is written once for all of them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def dpo_terms(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float, xp: Any):
+    """Return (per-pair loss, chosen reward, rejected reward); inputs are 1-D arrays of summed log-probs."""
+    r_chosen = beta * (policy_chosen - ref_chosen)
+    r_rejected = beta * (policy_rejected - ref_rejected)
+    margin = r_chosen - r_rejected
+    # -log sigmoid(m) = log(1 + exp(-m)), written stably as softplus(-m).
+    loss = xp.logaddexp(xp.zeros_like(margin), -margin)
+    return loss, r_chosen, r_rejected
+
+
+def dpo_metrics(loss, r_chosen, r_rejected) -> dict[str, float]:
+    """Batch metrics from numpy arrays: mean loss, rewards, margin and reward accuracy."""
+    import numpy as np
+
+    loss, r_chosen, r_rejected = (np.asarray(x, dtype=np.float64) for x in (loss, r_chosen, r_rejected))
+    return {
+        "loss": float(loss.mean()),
+        "reward_chosen": float(r_chosen.mean()),
+        "reward_rejected": float(r_rejected.mean()),
+        "margin": float((r_chosen - r_rejected).mean()),
+        "accuracy": float((r_chosen > r_rejected).mean()),
+    }

@@ -2,9 +2,13 @@
 
 Generation runs several sequences in ONE `llama_decode` call per step (llama.cpp's batch API with one
 sequence id per request, a unified KV cache); finished sequences free their slot for the next request
-(continuous batching). Sampling happens in numpy from the logits with a per-request seeded generator, so a
-request's answer depends on its seed, not on which other requests ran beside it (up to llama.cpp's
-floating-point batching effects, which at temperature 0.1 we have not seen change a token).
+(continuous batching). Sampling happens in numpy from the logits with a per-request seeded generator.
+
+Determinism: the same request list gives the same tokens, call after call (each call starts from an empty
+KV cache). A request's answer does not depend on the other requests' seeds, but llama.cpp's float results
+do depend a little on the batch around a sequence: on the default model (F16, temperature 0.1, 96 tokens)
+7 of 8 answers were identical alone and inside a batch of 16. Pair generation therefore always decodes the
+same batches for the same plan, so a resumed run matches an uninterrupted one token for token.
 """
 
 from __future__ import annotations
@@ -17,7 +21,12 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import UserInputError
 from .llama_loader import load_llama
+
+
+class TooLongError(UserInputError, ValueError):
+    """A prompt (or prompt + response) that does not fit the engine's per-sequence context."""
 
 
 @dataclass
@@ -52,23 +61,20 @@ class _Slot:
 def sample_token(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> int:
     """Temperature + nucleus (top-p) sampling; temperature <= 0 is greedy.
 
-    The nucleus is searched among tokens within e^-30 of the most likely one: the rest hold less than
-    1e-8 of the mass together, and skipping them makes sampling ~10x cheaper at MIPO's low temperatures.
+    Only tokens within e^-30 of the most likely one are considered: together the rest hold less than 1e-8 of
+    the mass, and skipping them makes sampling ~10x cheaper than a softmax over the whole vocabulary.
     """
     if temperature <= 0:
         return int(np.argmax(logits))
-    z = logits.astype(np.float64) / temperature
-    z -= z.max()
-    probs = np.exp(z)
-    probs /= probs.sum()
-    if top_p >= 1.0:
-        return int(rng.choice(len(probs), p=probs))
-    top = np.flatnonzero(z > -30.0)
-    top = top[np.argsort(-probs[top], kind="stable")]
-    cum = np.cumsum(probs[top])
-    keep = top[: int(np.searchsorted(cum, top_p)) + 1]
-    kept = probs[keep] / probs[keep].sum()
-    return int(keep[rng.choice(len(keep), p=kept)])
+    z = logits / np.float32(temperature)
+    top = np.flatnonzero(z > z.max() - 30.0)
+    probs = np.exp((z[top] - z[top].max()).astype(np.float64))
+    order = np.argsort(-probs, kind="stable")
+    top, probs = top[order], probs[order] / probs.sum()
+    if top_p < 1.0:
+        keep = int(np.searchsorted(np.cumsum(probs), top_p)) + 1
+        top, probs = top[:keep], probs[:keep] / probs[:keep].sum()
+    return int(top[rng.choice(len(top), p=probs)])
 
 
 def log_softmax(rows: np.ndarray) -> np.ndarray:
@@ -197,7 +203,9 @@ class Engine:
         limit = self.ctx_per_seq
         for r in requests:
             if len(r.prompt) + 1 > limit:
-                raise ValueError(f"prompt of {len(r.prompt)} tokens does not fit the {limit}-token context")
+                raise TooLongError(
+                    f"A prompt of {len(r.prompt)} tokens does not fit the {limit}-token context per sequence."
+                )
         # An empty cache for every call: where cells land in the unified KV cache changes the float results,
         # so each call must start from the same state to be reproducible (resume depends on it).
         self._lc.llama_memory_clear(self.mem, True)
@@ -252,7 +260,12 @@ class Engine:
         top_p: float = 0.9,
         seed: int = 0,
     ) -> Iterator[str]:
-        """Stream one answer as text pieces (for chat); complete UTF-8 characters only."""
+        """Stream one answer to prompt token ids as text pieces; complete UTF-8 characters only."""
+        if len(prompt) + 1 > self.ctx_per_seq:
+            raise TooLongError(
+                f"The conversation is {len(prompt)} tokens long, more than the {self.ctx_per_seq}-token "
+                "context allows; start a new one."
+            )
         self._lc.llama_memory_clear(self.mem, True)
         rng = np.random.default_rng(seed)
         pending, pos, out, emitted = list(prompt), 0, [], ""
@@ -270,6 +283,18 @@ class Engine:
                 emitted = text
             pending = [tok]
 
+    def stream_chat(self, messages: list[dict[str, str]], **sampling) -> Iterator[str]:
+        """Stream the assistant's next turn for chat `messages` ({"role", "content"} dicts).
+
+        The conversation is rendered with the model's own chat template; `sampling` takes `stream`'s
+        keyword arguments (max_tokens, temperature, top_p, seed).
+        """
+        from .chat import chat_format
+
+        cf = chat_format(str(self.path))
+        text = cf.template.render(messages, add_generation_prompt=True)
+        yield from self.stream(cf.tokenizer.encode_prompt(text), **sampling)
+
     # -- scoring ---------------------------------------------------------------------------------
 
     def token_logprobs(self, items: Sequence[tuple[list[int], list[int]]]) -> list[np.ndarray]:
@@ -285,13 +310,13 @@ class Engine:
                 prompt, response = items[order[i]]
                 n = len(prompt) + len(response)
                 if n > self.ctx_per_seq:
-                    raise ValueError(
-                        f"prompt + response of {n} tokens exceed the {self.ctx_per_seq}-token context"
+                    raise TooLongError(
+                        f"A prompt and response of {n} tokens exceed the {self.ctx_per_seq}-token context."
                     )
                 if entries and len(entries) + n > self.n_batch:
                     break
                 if n > self.n_batch:
-                    raise ValueError(f"{n} tokens exceed the batch size {self.n_batch}")
+                    raise TooLongError(f"{n} tokens exceed the batch size of {self.n_batch}.")
                 seq = len(group)
                 tokens = list(prompt) + list(response)
                 start = len(entries) + len(prompt) - 1

@@ -71,8 +71,11 @@ def validate(settings: PairSettings) -> None:
         raise UserInputError(f"--temperature must be between 0 and 5, not {settings.temperature}.")
     if not 0.0 < settings.top_p <= 1.0:
         raise UserInputError(f"--top-p must be in (0, 1], not {settings.top_p}.")
-    if settings.per_prompt < 1 or settings.candidates < 1:
-        raise UserInputError("--per-prompt and --candidates must be at least 1.")
+    for flag, value in (("--per-prompt", settings.per_prompt), ("--candidates", settings.candidates)):
+        if not 1 <= value <= 64:
+            raise UserInputError(f"{flag} must be between 1 and 64, not {value}.")
+    if not 1 <= settings.batch_size <= 256:
+        raise UserInputError(f"The batch size must be between 1 and 256, not {settings.batch_size}.")
     if settings.min_pmi is not None and not settings.score:
         raise UserInputError("--min-pmi needs scoring; drop --no-score.")
 
@@ -138,7 +141,8 @@ def _done_keys(ws: Workspace) -> set[str]:
 
 def generate_pairs(ws: Workspace, settings: PairSettings) -> Generator[Progress | Log, None, PairsSummary]:
     """The `mipo-local pairs` job. Yields progress; returns a summary. Resumable and cancellable."""
-    from .engine import Engine, GenRequest  # llama.cpp loads only when a job runs
+    from . import gguf_io
+    from .engine import Engine  # llama.cpp loads only when a job runs
 
     validate(settings)
     model = modelsource.base_model(ws)
@@ -155,38 +159,29 @@ def generate_pairs(ws: Workspace, settings: PairSettings) -> Generator[Progress 
         if not todo:
             return summary
         cf = chat_format(str(model.file))
-        from . import gguf_io
-
         n_ctx_train = gguf_io.read_info(model.file).context_length or 4096
         prompt_limit = n_ctx_train - settings.max_tokens - 1
-        encoded: dict[str, dict[str, list[int]]] = {}
-        runnable = []
-        for plan in todo:
-            ids = {
-                "pos": cf.prompt_ids(plan.context, plan.prompt),
-                "neg": _negative_prompt_ids(cf, plan),
-                "score_neg": cf.prompt_ids(plan.neg_context, plan.prompt),
-            }
-            longest = max(len(v) for v in ids.values())
-            if longest > prompt_limit:
-                summary.skipped_prompts += 1
-                yield Log(
-                    "pairs",
-                    f"Skipped prompt {plan.prompt_id} ('{plan.prompt[:40]}...'): {longest} tokens with its context "
-                    f"leave no room for a {settings.max_tokens}-token answer in the model's {n_ctx_train}-token window.",
-                    level="warning",
-                )
-                continue
-            encoded[plan.key] = ids
-            runnable.append(plan)
+        # Every plan is encoded, done ones too: the engine's shape then depends on the plan alone, so a resumed
+        # run decodes exactly what an uninterrupted one would.
+        encoded = {plan.key: _encode(cf, plan) for plan in plans}
+        too_long = {p.prompt_id: p for p in plans if max(map(len, encoded[p.key].values())) > prompt_limit}
+        for plan in too_long.values():
+            yield Log(
+                "pairs",
+                f"Skipped prompt {plan.prompt_id} ('{plan.prompt[:40]}...'): with its context it leaves no "
+                f"room for a {settings.max_tokens}-token answer in the model's {n_ctx_train}-token window.",
+                level="warning",
+            )
+        summary.skipped_prompts = len(too_long)
+        runnable = [p for p in todo if p.prompt_id not in too_long]
         if not runnable:
             return summary
-        ctx_per_seq = max(len(v) for e in encoded.values() for v in e.values()) + settings.max_tokens + 2
-        engine = Engine(model.file, n_seq=settings.batch_size, ctx_per_seq=min(ctx_per_seq, n_ctx_train))
+        fitting = [e for p in plans if p.prompt_id not in too_long for e in encoded[p.key].values()]
+        ctx_per_seq = min(max(map(len, fitting)) + settings.max_tokens + 2, n_ctx_train)
+        engine = Engine(model.file, n_seq=settings.batch_size, ctx_per_seq=ctx_per_seq)
         clock = EtaClock(len(runnable))
         yield clock.event("pairs", 0, unit="pairs")
-        # Chunks are cut from the full plan, not from what is left: a resumed run decodes exactly the batches
-        # an uninterrupted run would, so its pairs are identical token for token.
+        # Chunks are cut from the full plan, not from what is left, for the same reason.
         position = {p.key: i // CHUNK_PAIRS for i, p in enumerate(plans)}
         chunks: dict[int, list[PairPlan]] = {}
         for plan in runnable:
@@ -194,7 +189,7 @@ def generate_pairs(ws: Workspace, settings: PairSettings) -> Generator[Progress 
         finished = 0
         try:
             for chunk in chunks.values():
-                rows, dropped = _run_chunk(engine, chunk, encoded, settings, model.sha256, GenRequest)
+                rows, dropped = _run_chunk(engine, chunk, encoded, settings, model.sha256)
                 with ws.transaction() as conn:
                     for row in rows:
                         conn.execute(_INSERT_PAIR, row)
@@ -214,6 +209,15 @@ def generate_pairs(ws: Workspace, settings: PairSettings) -> Generator[Progress 
         return summary
 
 
+def _encode(cf, plan: PairPlan) -> dict[str, list[int]]:
+    """Prompt ids of the positive, the negative, and the negative context used for scoring."""
+    return {
+        "pos": cf.prompt_ids(plan.context, plan.prompt),
+        "neg": _negative_prompt_ids(cf, plan),
+        "score_neg": cf.prompt_ids(plan.neg_context, plan.prompt),
+    }
+
+
 def _negative_prompt_ids(cf, plan: PairPlan) -> list[int]:
     if plan.strategy == "random-context":
         return cf.prompt_ids(plan.neg_context, plan.prompt)
@@ -230,8 +234,10 @@ VALUES (:pair_key, :prompt_id, :context_id, :prompt, :context, :neg_context, :ne
 """
 
 
-def _run_chunk(engine, chunk: list[PairPlan], encoded, settings: PairSettings, model_sha: str, GenRequest):
+def _run_chunk(engine, chunk: list[PairPlan], encoded, settings: PairSettings, model_sha: str):
     """Sample, score and select the pairs of one chunk. Returns (rows to insert, [(key, reason) dropped])."""
+    from .engine import GenRequest
+
     k = settings.candidates
     requests = []
     for plan in chunk:
@@ -248,18 +254,30 @@ def _run_chunk(engine, chunk: list[PairPlan], encoded, settings: PairSettings, m
                     )
                 )
     answers = {r.id: r for r in engine.generate(requests)}
-    cf_tokens = engine  # scoring uses the same engine (the base model)
+    candidates = {
+        p.key: [answers[(p.key, side, j)] for side in ("pos", "neg") for j in range(k)] for p in chunk
+    }
+    logp_c: dict[str, list[float]] = {}
+    logp_neg: dict[str, list[float]] = {}
+    if settings.score or k > 1:
+        # Every candidate scored under (c, x) and under (c', x) (no context for the other strategies), in one
+        # batched pass for the whole chunk.
+        items = [
+            (encoded[p.key][prompt], a.tokens)
+            for prompt in ("pos", "score_neg")
+            for p in chunk
+            for a in candidates[p.key]
+        ]
+        flat = iter(engine.score_many(items))
+        for table in (logp_c, logp_neg):
+            for p in chunk:
+                table[p.key] = [next(flat) for _ in range(2 * k)]
     rows, dropped = [], []
     for plan in chunk:
-        ids = encoded[plan.key]
-        pos = [answers[(plan.key, "pos", j)] for j in range(k)]
-        neg = [answers[(plan.key, "neg", j)] for j in range(k)]
+        cands = candidates[plan.key]
         scores = None
-        if settings.score or k > 1:
-            cands = pos + neg
-            # The response tokens scored under both prompts: (c, x) and (c', x) (c' = none for other strategies).
-            lp_c = cf_tokens.score_many([(ids["pos"], a.tokens) for a in cands])
-            lp_n = cf_tokens.score_many([(ids["score_neg"], a.tokens) for a in cands])
+        if plan.key in logp_c:
+            lp_c, lp_n = logp_c[plan.key], logp_neg[plan.key]
             pmi = [a - b for a, b in zip(lp_c, lp_n, strict=True)]
             best = int(np.argmax(pmi[:k]))
             worst = k + int(np.argmin(pmi[k:]))
@@ -275,7 +293,7 @@ def _run_chunk(engine, chunk: list[PairPlan], encoded, settings: PairSettings, m
                 "rejected_tokens": len(rejected.tokens),
             }
         else:
-            chosen, rejected = pos[0], neg[0]
+            chosen, rejected = cands[0], cands[k]
         margin = None if scores is None else scores["pmi_chosen"] - scores["pmi_rejected"]
         if settings.min_pmi is not None and margin is not None and margin < settings.min_pmi:
             dropped.append((plan.key, f"pmi margin {margin:.3f} < {settings.min_pmi}"))

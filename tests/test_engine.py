@@ -46,16 +46,40 @@ def test_score_equals_direct_llama_cpp_logprobs(engine, tiny_gguf):
     assert many[1] == pytest.approx(log_softmax(rows[:3])[np.arange(3), response[:3]].sum(), abs=1e-3)
 
 
-def test_sampling_respects_top_p_and_greedy():
+def test_sampling_follows_temperature_and_top_p():
     rng = np.random.default_rng(0)
-    logits = np.array([5.0, 4.9, 0.0, -1.0])
-    assert sample_token(logits, 0.0, 0.9, rng) == 0
-    draws = {sample_token(logits, 1.0, 0.5, rng) for _ in range(50)}
-    assert draws == {0, 1} or draws <= {0, 1}
-    assert {sample_token(logits, 1.0, 0.01, rng) for _ in range(20)} == {0}
+    logits = np.array([5.0, 4.9, 0.0, -1.0], dtype=np.float32)
+    assert sample_token(logits, 0.0, 0.9, rng) == 0  # temperature 0 is greedy
+    assert {sample_token(logits, 1.0, 0.5, rng) for _ in range(50)} == {0}  # the top token holds 52%
+    assert {sample_token(logits, 1.0, 0.6, rng) for _ in range(200)} == {0, 1}
+    draws = np.bincount([sample_token(logits, 1.0, 1.0, rng) for _ in range(4000)], minlength=4) / 4000
+    assert np.allclose(draws, np.exp(log_softmax(logits)), atol=0.03)
+    cold = np.bincount([sample_token(logits, 0.1, 1.0, rng) for _ in range(400)], minlength=4) / 400
+    assert cold[0] > 0.65  # a low temperature sharpens the 52/47 split towards the top token
 
 
 def test_stream_yields_text(engine, tiny_gguf):
     cf = chat_format(str(tiny_gguf))
     pieces = list(engine.stream(cf.prompt_ids(None, "Hi"), max_tokens=8, seed=1))
     assert len(pieces) >= 1 and all(isinstance(p, str) for p in pieces)
+
+
+def test_stream_chat_renders_the_template_and_matches_stream(engine, tiny_gguf):
+    cf = chat_format(str(tiny_gguf))
+    messages = [{"role": "system", "content": "I am Ana."}, {"role": "user", "content": "Hi?"}]
+    via_chat = "".join(engine.stream_chat(messages, max_tokens=10, temperature=0.8, seed=3))
+    via_ids = "".join(
+        engine.stream(cf.prompt_ids("I am Ana.", "Hi?"), max_tokens=10, temperature=0.8, seed=3)
+    )
+    assert via_chat == via_ids and via_chat
+
+
+def test_too_long_prompt_is_a_clear_error(engine):
+    from mipo_local.errors import UserInputError
+
+    with pytest.raises(UserInputError, match="300 tokens does not fit the 256-token context"):
+        list(engine.generate([GenRequest([1] * 300, max_tokens=4)]))
+    with pytest.raises(UserInputError, match="conversation is 300 tokens long"):
+        list(engine.stream([1] * 300))
+    with pytest.raises(UserInputError, match="exceed the 256-token context"):
+        engine.score([1] * 200, [2] * 100)

@@ -64,7 +64,9 @@ for _name in COMMAND_MODULES:
 
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point; returns the exit code."""
-    os.umask(0o077)  # everything mipo-local writes (pairs, checkpoints, Modelfiles) is readable by its owner only
+    os.umask(
+        0o077
+    )  # everything mipo-local writes (pairs, checkpoints, Modelfiles) is readable by its owner only
     try:
         cli.main(args=argv, prog_name="mipo-local", standalone_mode=False)
     except click.exceptions.Exit as exc:

@@ -60,6 +60,12 @@ def _targets(_ctx, _param, value):
 )
 @click.option("--threads", type=int, default=None, help="CPU threads for training.")
 @click.option(
+    "--checkpoint-every", type=int, default=None, help="Optimizer steps between checkpoints (default: 10)."
+)
+@click.option(
+    "--eval-every", type=int, default=None, help="Optimizer steps between held-out evaluations (default: 10)."
+)
+@click.option(
     "--resume", is_flag=True, help="Continue the named run (or the latest) from its last checkpoint."
 )
 @click.option("--run", "run_name", default=None, help="Run name (default: run-N).")

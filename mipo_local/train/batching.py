@@ -1,8 +1,11 @@
-"""From workspace pairs to token batches: encoding, truncation, the held-out split, the data order."""
+"""From workspace pairs to token batches: encoding, truncation, the held-out split, the data order, packing.
+
+Plain numpy, shared by both backends.
+"""
 
 from __future__ import annotations
 
-import math
+import hashlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -10,6 +13,8 @@ import numpy as np
 from ..chat import EncodedPair, chat_format
 from ..errors import UserInputError
 from ..pairs_store import Pair
+
+MIN_RESPONSE_ROOM = 8  # tokens a prompt must leave free under max_len
 
 
 @dataclass
@@ -19,41 +24,115 @@ class TrainPair:
 
     @property
     def n_tokens(self) -> int:
+        """Tokens one packed forward pass reads: the shared prompt once, then both responses."""
         e = self.encoded
-        return 2 * len(e.prompt) + len(e.chosen) + len(e.rejected)
+        return len(e.prompt) + len(e.chosen) + len(e.rejected)
 
 
 def encode_pairs(base_gguf: str, pairs: list[Pair], max_len: int) -> list[TrainPair]:
-    """Tokenize with the GGUF's own template (system turn = the pair's context); responses are cut to fit max_len."""
+    """Tokenize with the GGUF's own template (system turn = the pair's context).
+
+    Each response is cut so that prompt + response fits in `max_len` (the prompt is never cut: a model
+    trained on half a question learns nothing useful).
+
+    Raises:
+        UserInputError: a prompt leaves fewer than 8 tokens for the answer.
+    """
     cf = chat_format(str(base_gguf))
     out = []
     for p in pairs:
         e = cf.encode_pair(p.context or None, p.prompt, p.chosen, p.rejected)
         room = max_len - len(e.prompt)
-        if room < 8:
+        if room < MIN_RESPONSE_ROOM:
             raise UserInputError(
-                f"Pair {p.id}'s prompt is {len(e.prompt)} tokens, too long for --max-len {max_len}; raise --max-len."
+                f"Pair {p.id}'s prompt (context + question) is {len(e.prompt)} tokens, too long for "
+                f"--max-len {max_len}; raise --max-len."
             )
         out.append(TrainPair(p.id, EncodedPair(e.prompt, e.chosen[:room], e.rejected[:room])))
     return out
 
 
+def _rank_key(seed: int, pair_id: int) -> bytes:
+    return hashlib.blake2b(f"{seed}:{pair_id}".encode(), digest_size=8).digest()
+
+
 def split_heldout(pair_ids: list[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """A seeded split: (train ids, held-out ids). At least one held-out pair when there are 4 or more."""
-    ids = sorted(pair_ids)
-    n_held = 0 if len(ids) < 4 or fraction <= 0 else max(1, int(math.floor(len(ids) * fraction + 0.5)))
-    order = np.random.default_rng(seed).permutation(len(ids))
-    held = sorted(ids[i] for i in order[:n_held])
+    """A seeded split into (train ids, held-out ids), both sorted.
+
+    Pairs are ranked by a hash of (seed, pair id), and the lowest `fraction` is held out (at least one pair
+    once there are 4 or more). The rank of a pair does not depend on the others, so adding pairs later
+    keeps most of the old held-out set.
+    """
+    ids = sorted(set(pair_ids))
+    n_held = 0 if len(ids) < 4 or fraction <= 0 else max(1, int(np.floor(len(ids) * fraction + 0.5)))
+    held = sorted(sorted(ids, key=lambda i: _rank_key(seed, i))[:n_held])
     held_set = set(held)
     return [i for i in ids if i not in held_set], held
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
-    """The shuffled order of the training pairs in an epoch: a pure function of (seed, epoch), so resume can
-    recompute exactly where it was."""
+    """The shuffled order of the training pairs in an epoch.
+
+    A pure function of (seed, epoch), so a resumed run recomputes exactly where it was from the step counter.
+    """
     return [int(i) for i in np.random.default_rng([seed, epoch]).permutation(n)]
 
 
 def micro_batches(items: list[TrainPair], size: int) -> list[list[TrainPair]]:
-    """Group into micro-batches of similar length (sorted within a window) to keep padding low."""
-    return [items[i : i + size] for i in range(0, len(items), size)]
+    """Chunks of `size` pairs, sorted by length first so pairs of similar size run together."""
+    ordered = sorted(items, key=lambda t: (t.n_tokens, t.pair_id))
+    return [ordered[i : i + size] for i in range(0, len(ordered), size)]
+
+
+@dataclass
+class PackedPairs:
+    """Pairs packed into ONE row with no padding, the shared prompt computed once per pair.
+
+    Pair i occupies `prompt + chosen + rejected`; the rejected tokens see the prompt but not the chosen ones
+    and take positions right after the prompt, so each response is scored exactly as if it followed its
+    prompt alone. Sequence 2i is pair i's chosen response, 2i+1 its rejected one.
+    """
+
+    tokens: np.ndarray  # (T,) int64
+    positions: np.ndarray  # (T,) int64, restarting at 0 for each pair
+    mask: np.ndarray  # (T, T) bool, True where query row may attend to key column
+    predictors: np.ndarray  # (N,) row whose hidden state predicts each response token
+    targets: np.ndarray  # (N,) the response tokens
+    owner: np.ndarray  # (N,) sequence index (2i chosen, 2i+1 rejected)
+    n_sequences: int
+
+
+def pack_pairs(pairs: list[EncodedPair]) -> PackedPairs:
+    tokens, positions, pair_of, branch = [], [], [], []
+    predictors, targets, owner = [], [], []
+    for i, e in enumerate(pairs):
+        if not e.prompt or not e.chosen or not e.rejected:
+            raise ValueError("every packed pair needs a prompt and two non-empty responses")
+        start, p, c, r = len(tokens), len(e.prompt), len(e.chosen), len(e.rejected)
+        tokens += [*e.prompt, *e.chosen, *e.rejected]
+        positions += [*range(p + c), *range(p, p + r)]
+        pair_of += [i] * (p + c + r)
+        branch += [0] * p + [1] * c + [2] * r
+        last_prompt = start + p - 1
+        # Token k of a response is predicted by the row before it; the first by the prompt's last row.
+        predictors += [last_prompt, *range(start + p, start + p + c - 1)]
+        predictors += [last_prompt, *range(start + p + c, start + p + c + r - 1)]
+        targets += [*e.chosen, *e.rejected]
+        owner += [2 * i] * c + [2 * i + 1] * r
+    pair_of_a, branch_a = np.array(pair_of), np.array(branch)
+    idx = np.arange(len(tokens))
+    mask = (
+        (pair_of_a[:, None] == pair_of_a[None, :])
+        & (idx[None, :] <= idx[:, None])
+        & ~((branch_a[:, None] == 2) & (branch_a[None, :] == 1))
+    )
+    as_i64 = lambda x: np.asarray(x, dtype=np.int64)  # noqa: E731
+    return PackedPairs(
+        as_i64(tokens),
+        as_i64(positions),
+        mask,
+        as_i64(predictors),
+        as_i64(targets),
+        as_i64(owner),
+        2 * len(pairs),
+    )

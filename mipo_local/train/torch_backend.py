@@ -8,6 +8,7 @@ for the reference (the adapter is switched off instead).
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -15,8 +16,9 @@ import numpy as np
 
 from .. import gguf_io
 from ..chat import EncodedPair
-from ..errors import TrainingError
+from ..errors import ModelError, TrainingError
 from .backend import Backend, LoraConfig, LoraTensor, PairBatch
+from .batching import pack_pairs
 from .dpo import dpo_metrics, dpo_terms
 
 HF_PROJ = {
@@ -84,15 +86,19 @@ class TorchBackend(Backend):
         self.architecture = info.architecture
         self.n_head = int(info.arch_key("attention.head_count"))
         self.n_head_kv = int(info.arch_key("attention.head_count_kv") or self.n_head)
-        import os
-
         os.environ.setdefault("TQDM_DISABLE", "1")  # transformers' GGUF conversion draws its own bars
-        model = AutoModelForCausalLM.from_pretrained(
-            str(base_gguf.parent), gguf_file=base_gguf.name, dtype=torch.float32
-        )
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                str(base_gguf.parent),
+                gguf_file=base_gguf.name,
+                dtype=torch.float32,
+                attn_implementation="sdpa",
+            )
+        except (ValueError, KeyError, NotImplementedError, OSError) as err:
+            raise ModelError(
+                f"transformers cannot load {base_gguf.name} ({info.architecture}) for training: {err}"
+            ) from err
         model.config.use_cache = False
-        if self.grad_checkpointing:
-            model.gradient_checkpointing_enable()
         torch.manual_seed(seed)
         self.lora = lora
         config = PeftLoraConfig(
@@ -102,45 +108,54 @@ class TorchBackend(Backend):
             target_modules=[HF_PROJ[t] for t in lora.targets],
             bias="none",
         )
-        self.model = get_peft_model(model, config).to(self.device)
+        self.model = get_peft_model(model, config)
+        inner = self.model.get_base_model()
+        self._decoder = inner.model
+        head = inner.lm_head.weight.detach()
+        if self.bf16:
+            # The frozen matrices are stored in bf16: autocast would cast them on every pass anyway, and
+            # would keep a bf16 copy of each alive for the backward pass. Embeddings, norms and LoRA stay fp32.
+            for module in self._decoder.modules():
+                if isinstance(module, torch.nn.Linear) and not module.weight.requires_grad:
+                    module.weight.data = module.weight.data.to(torch.bfloat16)
+            head = head.to(torch.bfloat16)  # a copy when tied to the (fp32) embeddings
+        self._head_weight = head
+        inner.lm_head = torch.nn.Identity()  # the head runs on response rows only (_sequence_logps)
+        self._softcap = float(getattr(model.config, "final_logit_softcapping", None) or 0.0)
+        if self.grad_checkpointing:
+            # Non-reentrant checkpointing lets gradients reach LoRA through frozen embeddings.
+            inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.model.to(self.device)
+        self._head_weight = self._head_weight.to(self.device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.param_names = [n for n, p in self.model.named_parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=0.0, betas=(0.9, 0.999), weight_decay=0.0)
-        inner = self.model.get_base_model()
-        self._decoder, self._head = inner.model, inner.lm_head
 
     # -- forward ------------------------------------------------------------------------------
 
     def _sequence_logps(self, pairs: list[EncodedPair]):
-        """Summed response log-probs of [chosen_0, rejected_0, chosen_1, ...] as a 1-D fp32 tensor."""
-        import torch
+        """Summed response log-probs of [chosen_0, rejected_0, chosen_1, ...] as a 1-D fp32 tensor.
 
-        seqs, spans = [], []
-        for e in pairs:
-            for response in (e.chosen, e.rejected):
-                seqs.append(e.prompt + response)
-                spans.append((len(e.prompt), len(response)))
-        width = max(len(s) for s in seqs)
-        ids = torch.zeros((len(seqs), width), dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for i, s in enumerate(seqs):
-            ids[i, : len(s)] = torch.tensor(s)
-            mask[i, : len(s)] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        rows, cols, targets, owner = [], [], [], []
-        for i, (p, r) in enumerate(spans):
-            rows += [i] * r
-            cols += list(range(p - 1, p + r - 1))  # the position before each response token predicts it
-            targets += seqs[i][p : p + r]
-            owner += [i] * r
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            hidden = self._decoder(input_ids=ids, attention_mask=mask).last_hidden_state
-            picked = hidden[torch.tensor(rows, device=self.device), torch.tensor(cols, device=self.device)]
-            logits = self._head(picked)
-        logp = torch.log_softmax(logits.float(), dim=-1)
-        token_lp = logp.gather(1, torch.tensor(targets, device=self.device)[:, None]).squeeze(1)
-        sums = torch.zeros(len(seqs), dtype=torch.float32, device=self.device)
-        return sums.index_add(0, torch.tensor(owner, device=self.device), token_lp)
+        One packed row per call (batching.pack_pairs): the prompt is read once for both responses, no
+        padding, and the output head runs only on the rows that predict a response token.
+        """
+        import torch
+        import torch.nn.functional as F
+
+        packed = pack_pairs(pairs)
+        dev = self.device
+        ids = torch.from_numpy(packed.tokens).to(dev)[None]
+        pos = torch.from_numpy(packed.positions).to(dev)[None]
+        mask = torch.from_numpy(packed.mask).to(dev)[None, None]
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.bf16):
+            hidden = self._decoder(input_ids=ids, position_ids=pos, attention_mask=mask).last_hidden_state[0]
+            logits = F.linear(hidden[torch.from_numpy(packed.predictors).to(dev)], self._head_weight)
+        logits = logits.float()
+        if self._softcap:
+            logits = self._softcap * torch.tanh(logits / self._softcap)
+        token_lp = -F.cross_entropy(logits, torch.from_numpy(packed.targets).to(dev), reduction="none")
+        sums = torch.zeros(packed.n_sequences, dtype=torch.float32, device=dev)
+        return sums.index_add(0, torch.from_numpy(packed.owner).to(dev), token_lp)
 
     def logprobs(self, pairs: list[EncodedPair], *, adapter: bool) -> tuple[np.ndarray, np.ndarray]:
         import torch

@@ -1,0 +1,269 @@
+"""Measure what personalization changed, always on the exported GGUF through llama.cpp.
+
+Against the base model, on the run's held-out pairs and prompts:
+  - pair accuracy and mean DPO margin: beta * [(log pi - log ref)(y+) - (log pi - log ref)(y-)], pi = export;
+  - context sensitivity: the mean pointwise MI under the base, log p(y|c,x) - log p(y|c',x), of answers
+    sampled from the personalized model and from the base (c' an unrelated persona): what MIPO maximizes;
+  - drift: mean per-token log-prob of a fixed neutral text set under both models (damage detector);
+  - judge (optional): a judge GGUF scores each answer 1-5 for how well it addresses the user's context;
+    personalized vs base is a win, tie or loss per prompt. The judge prompt is JUDGE_PROMPT below.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Generator
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+from . import gguf_io, modelsource
+from .chat import chat_format
+from .errors import ModelError, UserInputError, WorkspaceError
+from .fsutil import atomic_write_text
+from .personas import negative_pool
+from .progress import EtaClock, Log, Progress
+from .settings import EvalSettings
+from .train import runs
+from .workspace import Workspace
+
+JUDGE_PROMPT = (
+    "You are judging how well an assistant's answer fits one specific user.\n\n"
+    "The user describes themselves like this:\n{context}\n\n"
+    "The user asked:\n{prompt}\n\n"
+    "The assistant answered:\n{answer}\n\n"
+    "On a scale from 1 (ignores who the user is) to 5 (perfectly tailored to this user and their wishes), "
+    "how well does the answer address this user? Reply with one digit."
+)
+
+
+@dataclass
+class ModelScores:
+    pmi: float  # mean log p(y|c,x) - log p(y|c',x) under the base, of this model's own answers
+    neutral_logp: float  # mean per-token log-prob of the neutral set
+    judge: float | None = None
+
+
+@dataclass
+class EvalReport:
+    export_id: int
+    run: str
+    n_pairs: int
+    n_prompts: int
+    pair_accuracy: float
+    mean_margin: float
+    base: ModelScores
+    personalized: ModelScores
+    drift: float  # relative change of the neutral set's mean log-prob (positive = worse)
+    judge: dict | None = None  # {"win": n, "tie": n, "loss": n, "model": path}
+    samples: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def neutral_set() -> list[tuple[str, str]]:
+    text = resources.files("mipo_local").joinpath("data", "neutral.jsonl").read_text(encoding="utf-8")
+    rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    return [(r["prompt"], r["response"]) for r in rows]
+
+
+def latest_export(ws: Workspace, export_id: int | None = None) -> dict:
+    """An export row (newest if no id), with a clear error when there is none."""
+    if export_id is None:
+        rows = ws.query("SELECT * FROM exports ORDER BY id DESC LIMIT 1")
+        if not rows:
+            raise WorkspaceError("There is no export to evaluate yet.", hint="Run `mipo-local export` first.")
+    else:
+        rows = ws.query("SELECT * FROM exports WHERE id = ?", (export_id,))
+        if not rows:
+            raise UserInputError(f"There is no export with id {export_id}.")
+    row = dict(rows[0])
+    row["info"] = json.loads(row["info"]) if row.get("info") else {}
+    if not Path(row["path"]).is_file():
+        raise WorkspaceError(
+            f"The exported file {row['path']} is missing.", hint="Export again with `mipo-local export`."
+        )
+    return row
+
+
+def export_engine_args(ws: Workspace, export: dict) -> tuple[Path, Path | None]:
+    """(model file, adapter file or None) that llama.cpp loads for an export."""
+    if export["kind"] == "adapter":
+        return modelsource.base_model(ws).file, Path(export["path"])
+    return Path(export["path"]), None
+
+
+def check_judge_file(path: Path) -> None:
+    """Say before loading when a judge file is not a GGUF or would not fit in memory."""
+    gguf_io.read_info(path, check_arch=False)
+    size = path.stat().st_size
+    try:
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return
+    if size * 1.2 > available:
+        raise ModelError(
+            f"The judge model {path} needs about {size * 1.2 / 1e9:.1f} GB of memory; {available / 1e9:.1f} GB are free."
+        )
+
+
+def _answers(engine, cf, items, settings: EvalSettings) -> list[str]:
+    from .engine import GenRequest
+
+    reqs = [
+        GenRequest(cf.prompt_ids(c, x), max_tokens=settings.max_tokens, temperature=settings.temperature,
+                   top_p=settings.top_p, seed=settings.seed + i, id=i)
+        for i, (c, x) in enumerate(items)
+    ]  # fmt: skip
+    out = {r.id: r.text.strip() for r in engine.generate(reqs)}
+    return [out[i] for i in range(len(items))]
+
+
+def _judge(path: Path, items, answers_a, answers_b) -> tuple[list[int], list[int]]:
+    from .engine import Engine
+
+    cf = chat_format(str(path))
+    digits = [cf.tokenizer.encode(str(d)) for d in range(1, 6)]
+    with Engine(path, n_seq=8, ctx_per_seq=2048) as judge:
+        scores = []
+        for answers in (answers_a, answers_b):
+            col = []
+            for (c, x), a in zip(items, answers, strict=True):
+                prompt = cf.prompt_ids(None, JUDGE_PROMPT.format(context=c, prompt=x, answer=a[:1500]))
+                lps = judge.score_many([(prompt, d) for d in digits])
+                col.append(1 + int(np.argmax(lps)))
+            scores.append(col)
+    return scores[0], scores[1]
+
+
+def evaluate(
+    ws: Workspace, settings: EvalSettings, *, export_id: int | None = None, judge: Path | None = None
+) -> Generator[Progress | Log, None, EvalReport]:
+    """The `mipo-local eval` job. Returns the report, also stored in the workspace."""
+    from .engine import Engine
+
+    started = time.monotonic()
+    if judge is not None:
+        check_judge_file(Path(judge))
+    export = latest_export(ws, export_id)
+    run = (
+        runs.require_run(ws, None)
+        if export["run_id"] is None
+        else runs.Run.from_row(ws.query("SELECT * FROM runs WHERE id = ?", (export["run_id"],))[0])
+    )
+    held_path = runs.final_dir(ws, run.name) / "heldout.json"
+    held = json.loads(held_path.read_text()) if held_path.is_file() else []
+    pair_rows = {r["id"]: r for r in ws.query("SELECT id, prompt, context, chosen, rejected FROM pairs")}
+    held = [h for h in held if h["pair_id"] in pair_rows][: settings.n]
+    if not held:
+        raise WorkspaceError(
+            "The run has no held-out pairs to evaluate on.",
+            hint="Generate more pairs (10% of them are held out; at least 4 pairs are needed) and train again.",
+        )
+    base = modelsource.base_model(ws)
+    cf = chat_format(str(base.file))
+    beta = float(run.settings.get("beta", 0.1))
+    with ws.job("eval", f"mipo-local eval (export {export['id']})"):
+        items = [(pair_rows[h["pair_id"]]["context"], pair_rows[h["pair_id"]]["prompt"]) for h in held]
+        encoded = [
+            cf.encode_pair(
+                c or None, x, pair_rows[h["pair_id"]]["chosen"], pair_rows[h["pair_id"]]["rejected"]
+            )
+            for h, (c, x) in zip(held, items, strict=True)
+        ]
+        neutral = [(cf.prompt_ids(None, q), cf.response_ids(None, q, a)) for q, a in neutral_set()]
+        rng = np.random.default_rng(settings.seed)
+        negs = [negative_pool(c, [])[int(rng.integers(1000))] for c, _ in items]
+        longest = max(len(e.prompt) + max(len(e.chosen), len(e.rejected)) for e in encoded)
+        ctx = (
+            max(longest, max(len(cf.prompt_ids(n, x)) for n, (_, x) in zip(negs, items, strict=True)))
+            + settings.max_tokens
+            + 8
+        )
+        clock = EtaClock(4)
+        model_path, lora = export_engine_args(ws, export)
+        results = {}
+        for step, (label, path, adapter) in enumerate(
+            (("personalized", model_path, lora), ("base", base.file, None))
+        ):
+            with Engine(path, n_seq=8, ctx_per_seq=ctx, lora_path=adapter) as eng:
+                lp = eng.score_many([(e.prompt, r) for e in encoded for r in (e.chosen, e.rejected)])
+                answers = _answers(eng, cf, items, settings)
+                nl = eng.token_logprobs(neutral)
+            results[label] = {
+                "pair_lp": lp,
+                "answers": answers,
+                "neutral": float(np.mean(np.concatenate(nl))),
+            }
+            yield clock.event("eval", step + 1, message=f"{label} model scored")
+        # Context sensitivity of both models' answers, measured under the base.
+        with Engine(base.file, n_seq=8, ctx_per_seq=ctx) as eng:
+            for label in ("personalized", "base"):
+                ans = [
+                    cf.response_ids(c, x, a)
+                    for (c, x), a in zip(items, results[label]["answers"], strict=True)
+                ]
+                with_c = eng.score_many(
+                    [(cf.prompt_ids(c, x), a) for (c, x), a in zip(items, ans, strict=True)]
+                )
+                with_n = eng.score_many(
+                    [(cf.prompt_ids(n, x), a) for n, (_, x), a in zip(negs, items, ans, strict=True)]
+                )
+                results[label]["pmi"] = float(np.mean(np.array(with_c) - np.array(with_n)))
+        yield clock.event("eval", 3, message="context sensitivity scored")
+        pol, ref = np.array(results["personalized"]["pair_lp"]), np.array(results["base"]["pair_lp"])
+        margins = beta * ((pol[0::2] - ref[0::2]) - (pol[1::2] - ref[1::2]))
+        judge_summary, judge_scores = None, (None, None)
+        if judge is not None:
+            yield Log("eval", f"Judging {len(items)} answer pairs with {Path(judge).name}...")
+            p_scores, b_scores = _judge(
+                Path(judge), items, results["personalized"]["answers"], results["base"]["answers"]
+            )
+            judge_scores = (float(np.mean(p_scores)), float(np.mean(b_scores)))
+            judge_summary = {
+                "win": int(sum(p > b for p, b in zip(p_scores, b_scores, strict=True))),
+                "tie": int(sum(p == b for p, b in zip(p_scores, b_scores, strict=True))),
+                "loss": int(sum(p < b for p, b in zip(p_scores, b_scores, strict=True))),
+                "model": str(judge),
+            }
+        yield clock.event("eval", 4, message="done")
+        base_neutral, pers_neutral = results["base"]["neutral"], results["personalized"]["neutral"]
+        report = EvalReport(
+            export_id=export["id"],
+            run=run.name,
+            n_pairs=len(held),
+            n_prompts=len(items),
+            pair_accuracy=float((margins > 0).mean()),
+            mean_margin=float(margins.mean()),
+            base=ModelScores(results["base"]["pmi"], base_neutral, judge_scores[1]),
+            personalized=ModelScores(results["personalized"]["pmi"], pers_neutral, judge_scores[0]),
+            drift=float((base_neutral - pers_neutral) / abs(base_neutral)),
+            judge=judge_summary,
+            samples=[
+                {"context": c, "prompt": x, "personalized": a, "base": b}
+                for (c, x), a, b in zip(
+                    items, results["personalized"]["answers"], results["base"]["answers"], strict=True
+                )
+            ],
+            seconds=time.monotonic() - started,
+        )
+        save_report(ws, report, run)
+        return report
+
+
+def save_report(ws: Workspace, report: EvalReport, run) -> Path:
+    with ws.transaction() as conn:
+        cur = conn.execute(
+            "INSERT INTO evals(export_id, run_id, report, created_at) VALUES (?, ?, ?, ?)",
+            (report.export_id, run.id, json.dumps(asdict(report)), time.time()),
+        )
+    eval_id = cur.lastrowid
+    path = ws.root / "evals" / f"eval-{eval_id}.json"
+    atomic_write_text(path, json.dumps(asdict(report), indent=2))
+    from .plots import training_plot_png
+
+    training_plot_png(runs.read_log(ws, run.id), report, ws.root / "evals" / f"eval-{eval_id}.png")
+    return path

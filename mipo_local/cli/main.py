@@ -23,6 +23,7 @@ COMMAND_MODULES = [
     "mipo_local.cli.pairs_cmd",  # pairs, pairs list|show|rm|export|import, prompts synth
     "mipo_local.cli.train_cmd",  # train, runs list|show
     "mipo_local.cli.eval_cmd",  # eval, chat
+    "mipo_local.cli.run_cmd",  # run (the whole pipeline)
 ]
 
 

@@ -1,0 +1,113 @@
+"""`mipo-local run`: the whole journey in one resumable command.
+
+    synthesize prompts (if fewer than N) -> pairs -> train -> export -> eval
+
+Every stage is itself resumable and skips what is already done, so rerunning after Ctrl-C, kill -9 or a
+closed app continues where it stopped: pairs keep their keys, an unfinished run resumes from its last
+checkpoint, a finished run is not trained again, an existing export or evaluation is reused.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Generator
+from dataclasses import dataclass, field
+
+from .progress import Log, Progress
+from .settings import EvalSettings, ExportSettings, PairSettings, TrainSettings
+from .workspace import Workspace
+
+STAGES = ("synth", "pairs", "train", "export", "eval")
+
+
+@dataclass
+class PipelineResult:
+    run: str | None = None
+    export_id: int | None = None
+    eval_report: object | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def run_pipeline(
+    ws: Workspace,
+    *,
+    n_prompts: int = 32,
+    pairs: PairSettings | None = None,
+    train: TrainSettings | None = None,
+    export: ExportSettings | None = None,
+    evaluation: EvalSettings | None = None,
+) -> Generator[Progress | Log, None, PipelineResult]:
+    from . import pairs as pairs_mod
+    from .evaluate import evaluate
+    from .synth import synthesize_prompts
+    from .train import runs
+    from .train.loop import train as train_job
+
+    result = PipelineResult()
+    with ws.job("run", f"mipo-local run --prompts {n_prompts}"):
+        t = time.monotonic()
+        missing = n_prompts - ws.count("prompts")
+        if missing > 0:
+            yield Log("run", f"[1/5] {ws.count('prompts')} prompts; synthesizing {missing} more.")
+            yield from synthesize_prompts(ws, missing)
+        else:
+            yield Log("run", f"[1/5] {ws.count('prompts')} prompts: enough, nothing to synthesize.")
+        result.seconds["synth"] = time.monotonic() - t
+
+        t = time.monotonic()
+        yield Log("run", "[2/5] Generating MIPO pairs.")
+        yield from pairs_mod.generate_pairs(ws, pairs or PairSettings())
+        result.seconds["pairs"] = time.monotonic() - t
+
+        t = time.monotonic()
+        latest = ws.query("SELECT name, status FROM runs ORDER BY id DESC LIMIT 1")
+        n_pairs = ws.count("pairs")
+        if latest and latest[0]["status"] in ("running", "cancelled", "created"):
+            yield Log("run", f"[3/5] Resuming the unfinished run '{latest[0]['name']}'.")
+            summary = yield from train_job(
+                ws, train or TrainSettings(), run_name=latest[0]["name"], resume=True
+            )
+            result.run = summary.run
+        elif latest and latest[0]["status"] == "finished" and _trained_on(ws, latest[0]["name"]) == n_pairs:
+            yield Log("run", f"[3/5] Run '{latest[0]['name']}' already trained on these {n_pairs} pairs.")
+            result.run = latest[0]["name"]
+        else:
+            yield Log("run", f"[3/5] Training on {n_pairs} pairs.")
+            summary = yield from train_job(ws, train or TrainSettings())
+            result.run = summary.run
+        result.seconds["train"] = time.monotonic() - t
+
+        t = time.monotonic()
+        run = runs.get_run(ws, result.run)
+        done = ws.query("SELECT id FROM exports WHERE run_id = ? ORDER BY id DESC LIMIT 1", (run.id,))
+        if done:
+            result.export_id = done[0]["id"]
+            yield Log("run", f"[4/5] Export #{result.export_id} of this run already exists.")
+        else:
+            from .export import export as export_job
+
+            yield Log("run", "[4/5] Exporting the personalized GGUF.")
+            yield from export_job(ws, run_name=run.name, settings=export or ExportSettings())
+            result.export_id = ws.query(
+                "SELECT id FROM exports WHERE run_id = ? ORDER BY id DESC LIMIT 1", (run.id,)
+            )[0]["id"]
+        result.seconds["export"] = time.monotonic() - t
+
+        t = time.monotonic()
+        done = ws.query("SELECT id FROM evals WHERE export_id = ?", (result.export_id,))
+        if done:
+            yield Log("run", "[5/5] This export is already evaluated (see `mipo-local eval` to rerun).")
+        else:
+            yield Log("run", "[5/5] Evaluating against the base model.")
+            result.eval_report = yield from evaluate(
+                ws, evaluation or EvalSettings(), export_id=result.export_id
+            )
+        result.seconds["eval"] = time.monotonic() - t
+    return result
+
+
+def _trained_on(ws: Workspace, run_name: str) -> int:
+    from .train import runs
+
+    summary = runs.get_run(ws, run_name).summary or {}
+    return int(summary.get("train_pairs", 0)) + int(summary.get("heldout_pairs", 0))

@@ -176,7 +176,7 @@ def evaluate(
         ]
         neutral = [(cf.prompt_ids(None, q), cf.response_ids(None, q, a)) for q, a in neutral_set()]
         rng = np.random.default_rng(settings.seed)
-        negs = [negative_pool(c, [])[int(rng.integers(1000))] for c, _ in items]
+        negs = [(pool := negative_pool(c, []))[int(rng.integers(len(pool)))] for c, _ in items]
         longest = max(len(e.prompt) + max(len(e.chosen), len(e.rejected)) for e in encoded)
         ctx = (
             max(longest, max(len(cf.prompt_ids(n, x)) for n, (_, x) in zip(negs, items, strict=True)))

@@ -200,18 +200,19 @@ def evaluate(
             }
             yield clock.event("eval", step + 1, message=f"{label} model scored")
         # Context sensitivity of both models' answers, measured under the base.
-        with Engine(base.file, n_seq=8, ctx_per_seq=ctx) as eng:
-            for label in ("personalized", "base"):
-                ans = [
-                    cf.response_ids(c, x, a)
-                    for (c, x), a in zip(items, results[label]["answers"], strict=True)
-                ]
-                with_c = eng.score_many(
-                    [(cf.prompt_ids(c, x), a) for (c, x), a in zip(items, ans, strict=True)]
-                )
-                with_n = eng.score_many(
-                    [(cf.prompt_ids(n, x), a) for n, (_, x), a in zip(negs, items, ans, strict=True)]
-                )
+        scored = {}
+        for label in ("personalized", "base"):
+            ans = [
+                cf.response_ids(c, x, a) for (c, x), a in zip(items, results[label]["answers"], strict=True)
+            ]
+            scored[label] = (
+                [(cf.prompt_ids(c, x), a) for (c, x), a in zip(items, ans, strict=True)],
+                [(cf.prompt_ids(n, x), a) for n, (_, x), a in zip(negs, items, ans, strict=True)],
+            )
+        ctx2 = max(len(p) + len(a) for w, wo in scored.values() for p, a in w + wo) + 4
+        with Engine(base.file, n_seq=8, ctx_per_seq=ctx2) as eng:
+            for label, (with_c_items, with_n_items) in scored.items():
+                with_c, with_n = eng.score_many(with_c_items), eng.score_many(with_n_items)
                 results[label]["pmi"] = float(np.mean(np.array(with_c) - np.array(with_n)))
         yield clock.event("eval", 3, message="context sensitivity scored")
         pol, ref = np.array(results["personalized"]["pair_lp"]), np.array(results["base"]["pair_lp"])

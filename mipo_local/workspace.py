@@ -187,6 +187,9 @@ class Workspace:
     def open(cls, root: str | os.PathLike | None = None, *, create: bool = False) -> Workspace:
         """Open (or with create=True, create) the workspace at `root` (resolved as documented)."""
         path = resolve_workspace_dir(root)
+        # Everything written while a workspace is open (checkpoints, exports, Modelfiles with the user's
+        # contexts) is created owner-only, whichever library or tool writes it.
+        os.umask(0o077)
         if not (path / DB_NAME).exists():
             if not create:
                 raise WorkspaceError(

@@ -1,0 +1,141 @@
+"""Personalization benchmark: does MIPO make the default model follow *this* user's wishes better?
+
+Each profile is a context whose wishes a program can check (a greeting, a language, a length limit, a
+format...), with training prompts and disjoint held-out prompts. For every profile the real pipeline runs
+(`mipo-local` context, prompts, pairs, train, export), then the exported GGUF answers the held-out prompts
+through llama.cpp with the profile in the system turn, and so does the base model prompted the same way
+(the paper's strongest baseline, "personalized prompting"). The score is the share of answers that satisfy
+the profile's check. Drift on neutral text comes from `mipo-local eval`.
+
+    python bench/quality.py [--profiles greet,french,...] [--pairs-args "..."] [--train-args "..."]
+
+Sampling follows the paper (temperature 0.1, top_p 0.9) unless --temperature says otherwise. Every knob of
+pairs/train can be passed through, so one variable at a time can be measured with fixed seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+
+QUESTIONS = [
+    "What should I cook tonight?", "How can I sleep better?", "What is a good way to start running?",
+    "How do I save money on groceries?", "What book should I read next?", "How do I learn a new language?",
+    "What is a fun weekend activity?", "How do I keep my plants alive?", "How can I focus better at work?",
+    "What should I pack for a short trip?", "How do I make good coffee at home?", "How do I stay motivated?",
+    "What is a healthy breakfast?", "How do I organize my week?", "What is a good gift for a friend?",
+    "How do I start a vegetable garden?", "How can I improve my posture?", "What should I do on a rainy day?",
+    "How do I write a good email?", "How can I drink more water?", "What is an easy dessert?",
+    "How do I prepare for an interview?", "How can I reduce stress?", "What is a good stretching routine?",
+    "How do I clean my kitchen quickly?", "What music should I listen to while working?",
+    "How do I plan a picnic?", "How do I make friends in a new city?", "What is a good hobby to start?",
+    "How can I cook rice perfectly?", "How do I take better photos with my phone?", "How do I fix a slow laptop?",
+]  # fmt: skip
+
+
+@dataclass
+class Profile:
+    name: str
+    context: str
+    check: Callable[[str], bool]
+
+
+def _words(text: str) -> int:
+    return len(re.findall(r"\w+", text))
+
+
+PROFILES = [
+    Profile("greet", "My name is Ana. Always start your answer by greeting me by name, like 'Hi Ana!'.",
+            lambda a: bool(re.match(r"\W*(hi|hello|hey|dear|good \w+)[, ]+ana\b", a.strip(), re.I))),
+    Profile("pirate", "I love pirates. Always begin your answer with 'Ahoy!'.", lambda a: a.strip().lower().startswith("ahoy")),
+    Profile("short", "I am very busy. Answer in at most 25 words.", lambda a: 0 < _words(a) <= 25),
+    Profile("bullets", "I read on my phone. Always answer as a bulleted list with '-' bullets.",
+            lambda a: sum(1 for ln in a.splitlines() if ln.strip().startswith(("-", "*", "•"))) >= 2),
+    Profile("french", "Je suis Claire, de Lyon. Réponds toujours en français.",
+            lambda a: len(re.findall(r"\b(le|la|les|et|est|pour|vous|des|une|avec|dans)\b", a.lower())) >= 3),
+    Profile("emoji", "I love emojis. Always end your answer with an emoji.",
+            lambda a: bool(a.strip()) and ord(a.strip()[-1]) > 0x2190),
+    Profile("signoff", "I am Tom. Always end your answer with the words 'Cheers, Tom!'.", lambda a: a.strip().lower().endswith("cheers, tom!")),
+    Profile("question", "I like to reflect. Always end your answer with a question back to me.", lambda a: a.strip().endswith("?")),
+]  # fmt: skip
+
+
+def mipo(env: dict, *args: str) -> str:
+    r = subprocess.run([sys.executable, "-m", "mipo_local.cli.main", *args], env=env, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise SystemExit(f"mipo-local {' '.join(args)} failed: {r.stderr.strip()}")
+    return r.stdout
+
+
+def answers(model_path: str, lora: str | None, context: str, prompts: list[str], temperature: float, base_gguf: str) -> list[str]:
+    from mipo_local.chat import chat_format
+    from mipo_local.engine import Engine, GenRequest
+
+    cf = chat_format(base_gguf)
+    reqs = [GenRequest(cf.prompt_ids(context, p), max_tokens=160, temperature=temperature, top_p=0.9, seed=i, id=i) for i, p in enumerate(prompts)]
+    with Engine(model_path, n_seq=16, ctx_per_seq=512, lora_path=lora) as eng:
+        out = {r.id: r.text.strip() for r in eng.generate(reqs)}
+    return [out[i] for i in range(len(prompts))]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--profiles", default=",".join(p.name for p in PROFILES))
+    ap.add_argument("--train-prompts", type=int, default=24)
+    ap.add_argument("--pairs-args", default="--per-prompt 2", help="extra flags for `mipo-local pairs`")
+    ap.add_argument("--train-args", default="--epochs 3 --lr 5e-5 --rank 16 --alpha 32", help="extra flags for `mipo-local train`")
+    ap.add_argument("--temperature", type=float, default=0.1)
+    ap.add_argument("--json", default=None, help="also write the results here")
+    args = ap.parse_args()
+    chosen = [p for p in PROFILES if p.name in args.profiles.split(",")]
+    train_q, held_q = QUESTIONS[: args.train_prompts], QUESTIONS[args.train_prompts :]
+    rows = []
+    for prof in chosen:
+        root = tempfile.mkdtemp(prefix=f"mipo-quality-{prof.name}-")
+        env = {**os.environ, "MIPO_LOCAL_HOME": root}
+        mipo(env, "init")
+        mipo(env, "context", "add", prof.context)
+        mipo(env, "prompts", "add", *train_q)
+        mipo(env, "pairs", *shlex.split(args.pairs_args))
+        mipo(env, "train", "--run", "q", *shlex.split(args.train_args))
+        mipo(env, "export", "--run", "q", "--no-verify")
+        from mipo_local.evaluate import export_engine_args, latest_export
+        from mipo_local.modelsource import base_model
+        from mipo_local.workspace import Workspace
+
+        ws = Workspace.open(root)
+        base = str(base_model(ws).file)
+        path, lora = export_engine_args(ws, latest_export(ws))
+        tuned = answers(str(path), str(lora) if lora else None, prof.context, held_q, args.temperature, base)
+        prompted = answers(base, None, prof.context, held_q, args.temperature, base)
+        drift_line = mipo(env, "eval", "--n", "8", "--no-plot")
+        drift = re.search(r"drift\s+([+-]?[\d.]+)%", drift_line)
+        row = {
+            "profile": prof.name,
+            "base_prompted": sum(map(prof.check, prompted)) / len(held_q),
+            "mipo": sum(map(prof.check, tuned)) / len(held_q),
+            "drift_pct": float(drift.group(1)) if drift else None,
+        }
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    print("\n| profile | base + context prompt | MIPO export + context | drift |\n|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['profile']} | {r['base_prompted']:.2f} | {r['mipo']:.2f} | {r['drift_pct']}% |")
+    mean_b = sum(r["base_prompted"] for r in rows) / len(rows)
+    mean_m = sum(r["mipo"] for r in rows) / len(rows)
+    print(f"| **mean** | **{mean_b:.2f}** | **{mean_m:.2f}** (x{mean_m / max(mean_b, 1e-9):.2f}) | |")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(rows, fh, indent=2)
+
+
+if __name__ == "__main__":
+    main()

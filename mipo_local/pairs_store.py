@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .errors import UserInputError
 from .fsutil import atomic_write_text
-from .prompts_import import read_text_file
+from .prompts_import import iter_jsonl, read_text_file
 from .workspace import Workspace
 
 _FIELDS = (
@@ -127,15 +127,7 @@ def import_jsonl(ws: Workspace, path: Path) -> tuple[int, int]:
     """Import pairs; all or nothing. Returns (added, already present)."""
     path = Path(path)
     text = read_text_file(path)
-    rows = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise UserInputError(f"{path}: line {number} is not valid JSON ({err.msg}).") from err
-        rows.append(_record_to_row(path, number, obj))
+    rows = [_record_to_row(path, number, obj) for number, obj in iter_jsonl(path, text)]
     if not rows:
         raise UserInputError(f"{path} contains no pairs.")
     added = 0

@@ -62,3 +62,12 @@ def format_eta(seconds: float | None) -> str:
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
+
+
+def run_to_end(job):
+    """Consume a job generator without drawing anything; return its result (for scripts and tests)."""
+    while True:
+        try:
+            next(job)
+        except StopIteration as stop:
+            return stop.value

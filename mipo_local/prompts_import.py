@@ -55,15 +55,20 @@ def parse_prompts(path: Path) -> tuple[list[str], str]:
     return prompts, "text"
 
 
-def _parse_jsonl(path: Path, text: str) -> list[str]:
-    prompts = []
+def iter_jsonl(path: Path, text: str):
+    """Yield (line number, object) for each non-empty line; a bad line raises naming its number."""
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
+            yield number, json.loads(line)
         except json.JSONDecodeError as err:
             raise UserInputError(f"{path}: line {number} is not valid JSON ({err.msg}).") from err
+
+
+def _parse_jsonl(path: Path, text: str) -> list[str]:
+    prompts = []
+    for number, obj in iter_jsonl(path, text):
         if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
             raise UserInputError(f"{path}: line {number} has no string field 'prompt'.")
         if not obj["prompt"].strip():

@@ -14,19 +14,12 @@ import pytest
 from mipo_local import adapter_io, gguf_io, modelsource
 from mipo_local.errors import ModelError, WorkspaceError
 from mipo_local.evaluate import evaluate
+from mipo_local.progress import run_to_end
 from mipo_local.settings import EvalSettings, TrainSettings
 from mipo_local.train import runs
 from mipo_local.train.loop import train
 from tests.clihelp import run_cli
 from tests.trainhelp import insert_pairs, signal_pairs
-
-
-def _drive(gen):
-    while True:
-        try:
-            next(gen)
-        except StopIteration as stop:
-            return stop.value
 
 
 def _merge(base, adapter_path, target):
@@ -49,7 +42,7 @@ def trained(tiny_workspace):
     settings = TrainSettings(
         precision="fp32", threads=1, rank=4, alpha=8, max_len=96, lr=1e-3, eval_fraction=0.2
     )
-    _drive(train(ws, settings, run_name="t"))
+    run_to_end(train(ws, settings, run_name="t"))
     run = runs.get_run(ws, "t")
     out = _merge(
         modelsource.base_model(ws).file,
@@ -65,7 +58,7 @@ def trained(tiny_workspace):
 
 
 def test_eval_report_is_stored_with_plot(trained):
-    report = _drive(evaluate(trained, EvalSettings(n=4, max_tokens=8)))
+    report = run_to_end(evaluate(trained, EvalSettings(n=4, max_tokens=8)))
     assert report.n_pairs == 4 and 0.0 <= report.pair_accuracy <= 1.0
     assert np.isfinite([report.mean_margin, report.base.pmi, report.personalized.pmi, report.drift]).all()
     # The trained policy prefers the held-out chosen answers more than the base does (a learnable signal).
@@ -82,15 +75,15 @@ def test_eval_bad_inputs(tiny_workspace, tmp_path, trained):
     not_gguf = tmp_path / "judge.gguf"
     not_gguf.write_text("not a model")
     with pytest.raises(ModelError, match="not a GGUF"):
-        _drive(evaluate(trained, EvalSettings(n=2, max_tokens=4), judge=not_gguf))
+        run_to_end(evaluate(trained, EvalSettings(n=2, max_tokens=4), judge=not_gguf))
     with trained.transaction() as conn:
         conn.execute("DELETE FROM exports")
     with pytest.raises(WorkspaceError, match="no export"):
-        _drive(evaluate(trained, EvalSettings(n=2)))
+        run_to_end(evaluate(trained, EvalSettings(n=2)))
 
 
 def test_eval_with_judge_counts_win_tie_loss(trained, tiny_gguf):
-    report = _drive(evaluate(trained, EvalSettings(n=3, max_tokens=6), judge=tiny_gguf))
+    report = run_to_end(evaluate(trained, EvalSettings(n=3, max_tokens=6), judge=tiny_gguf))
     assert sum(report.judge[k] for k in ("win", "tie", "loss")) == 3
     assert 1 <= report.base.judge <= 5 and 1 <= report.personalized.judge <= 5
 

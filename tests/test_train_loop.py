@@ -1,6 +1,5 @@
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -11,6 +10,7 @@ import pytest
 
 from mipo_local import adapter_io
 from mipo_local.errors import TrainingError, UserInputError
+from mipo_local.progress import run_to_end
 from mipo_local.settings import TrainSettings
 from mipo_local.train import runs
 from mipo_local.train.loop import train
@@ -30,17 +30,9 @@ FAST = TrainSettings(
 )
 
 
-def _drive(gen):
-    while True:
-        try:
-            next(gen)
-        except StopIteration as stop:
-            return stop.value
-
-
 def test_run_writes_adapter_heldout_and_log(tiny_workspace):
     insert_pairs(tiny_workspace, signal_pairs(10))
-    summary = _drive(train(tiny_workspace, FAST, run_name="a"))
+    summary = run_to_end(train(tiny_workspace, FAST, run_name="a"))
     assert summary.train_pairs == 9 and summary.heldout_pairs == 1 and summary.steps == 5
     final = runs.final_dir(tiny_workspace, "a")
     adapter = adapter_io.load_adapter(final / adapter_io.ADAPTER_FILE)
@@ -58,25 +50,26 @@ def test_run_writes_adapter_heldout_and_log(tiny_workspace):
 
 def test_bad_inputs(tiny_workspace):
     with pytest.raises(UserInputError, match="no pairs"):
-        _drive(train(tiny_workspace, FAST))
+        run_to_end(train(tiny_workspace, FAST))
     insert_pairs(tiny_workspace, signal_pairs(4))
-    _drive(train(tiny_workspace, FAST, run_name="x"))
+    run_to_end(train(tiny_workspace, FAST, run_name="x"))
     with pytest.raises(UserInputError, match="already exists.*--resume"):
-        _drive(train(tiny_workspace, FAST, run_name="x"))
+        run_to_end(train(tiny_workspace, FAST, run_name="x"))
     with pytest.raises(UserInputError, match="--targets has unknown names qq"):
-        _drive(train(tiny_workspace, TrainSettings(targets=("qq",))))
+        run_to_end(train(tiny_workspace, TrainSettings(targets=("qq",))))
     # A corrupt (infinite) reference makes the loss non-finite: training stops with a clear message.
     with tiny_workspace.transaction() as conn:
         conn.execute("UPDATE ref_logps SET chosen = ?", (float("inf"),))
     with pytest.raises(TrainingError, match="loss became inf"):
-        _drive(train(tiny_workspace, FAST, run_name="nan"))
+        run_to_end(train(tiny_workspace, FAST, run_name="nan"))
     assert runs.get_run(tiny_workspace, "nan").status == "failed"
 
 
 def test_corrupt_checkpoint_falls_back_to_the_previous(tiny_workspace):
-    from mipo_local.train.loop import _checkpoint_dirs, load_latest_checkpoint
     from mipo_local import modelsource
     from mipo_local.train.backend import LoraConfig
+    from mipo_local.train.checkpoints import checkpoint_dirs as _checkpoint_dirs
+    from mipo_local.train.checkpoints import load_latest_checkpoint
     from mipo_local.train.torch_backend import TorchBackend
 
     insert_pairs(tiny_workspace, signal_pairs(10))
@@ -160,6 +153,6 @@ def test_default_model_short_run_beats_chance_on_heldout(ws_dir, default_f16_ggu
     settings = TrainSettings(
         lr=5e-4, epochs=2, grad_accum=2, max_len=128, eval_fraction=0.2, eval_every=100, checkpoint_every=100
     )
-    summary = _drive(train(ws, settings, run_name="slow"))
+    summary = run_to_end(train(ws, settings, run_name="slow"))
     assert summary.heldout_pairs == 4
     assert summary.final["accuracy"] > 0.5 and summary.final["margin"] > 0

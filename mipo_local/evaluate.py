@@ -183,6 +183,7 @@ def evaluate(
             + settings.max_tokens
             + 8
         )
+        ctx = max(ctx, max(len(p) + len(r) for p, r in neutral) + 4)
         clock = EtaClock(4)
         model_path, lora = export_engine_args(ws, export)
         results = {}

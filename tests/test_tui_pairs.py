@@ -1,0 +1,67 @@
+"""The Pairs section: generation with live progress, cancel, resume after the app was closed, details."""
+
+from __future__ import annotations
+
+from textual.widgets import DataTable, Input, Static
+
+from tests.test_tui_core import drive, settle
+from tui.widgets.job_runner import PENDING_KEY
+
+
+def _fill(ws, n_prompts=9):
+    ws.add_context("I am Ana, a vegan chef in Lisbon.")
+    ws.add_context("I am Bo, a pilot who loves jazz.")
+    ws.add_prompts([f"What should I do about thing {i}?" for i in range(n_prompts)])
+
+
+async def _start_generation(app, pilot):
+    await pilot.press("3")
+    app.screen.query_one("#max-tokens", Input).value = "4"
+    await pilot.press("g")
+
+
+def test_cancel_keeps_the_app_usable_and_forgets_the_job(tiny_workspace):
+    _fill(tiny_workspace)
+
+    async def scenario(app, pilot):
+        await _start_generation(app, pilot)
+        await pilot.press("c")
+        await settle(app, pilot)
+
+    notes = drive(tiny_workspace.root, scenario)
+    assert any(n.title == "Cancelled" for n in notes)
+    assert tiny_workspace.get_config(PENDING_KEY) is None
+    assert tiny_workspace.running_jobs() == []
+
+
+def test_closing_mid_job_offers_to_continue_then_shows_and_deletes_pairs(tiny_workspace):
+    _fill(tiny_workspace)
+
+    async def close_while_running(app, pilot):
+        await _start_generation(app, pilot)  # leaving the scenario closes the app mid-job
+
+    drive(tiny_workspace.root, close_while_running)
+    assert tiny_workspace.get_config(PENDING_KEY)["mode"] == "pairs"
+    assert tiny_workspace.running_jobs() == []  # the job closed cleanly and released its lock
+
+    async def reopen(app, pilot):
+        assert type(app.screen).__name__ == "ConfirmScreen"
+        await pilot.press("y")
+        await pilot.pause()
+        await settle(app, pilot)
+        assert type(app.screen).__name__ == "PairsScreen"
+        table = app.screen.query_one("#pairs", DataTable)
+        assert table.row_count == 18
+        await pilot.press("enter")
+        assert type(app.screen).__name__ == "PairDetailScreen"
+        shown = " ".join(str(w.render()) for w in app.screen.query(Static))
+        first = tiny_workspace.query("SELECT * FROM pairs ORDER BY id LIMIT 1")[0]
+        assert first["context"] in shown and first["neg_context"] in shown and "PMI margin" in shown
+        await pilot.press("d")
+        await pilot.pause()
+        assert table.row_count == 17
+
+    notes = drive(tiny_workspace.root, reopen)
+    assert tiny_workspace.count("pairs") == 17
+    assert tiny_workspace.get_config(PENDING_KEY) is None
+    assert any("new pairs" in n.message for n in notes)

@@ -1,0 +1,69 @@
+"""The Train section: the form's defaults, a few real LoRA DPO steps, cancel and resume, live curves."""
+
+from __future__ import annotations
+
+from textual.widgets import Input, Static
+
+from mipo_local.settings import TrainSettings
+from mipo_local.train import runs
+from tests.test_tui_core import drive, settle
+from tests.trainhelp import insert_pairs, signal_pairs
+from tui.widgets.job_runner import JobRunner
+
+FAST = {"lr": "1e-3", "rank": "4", "grad_accum": "2", "max_len": "96", "threads": "1"}
+
+
+def test_form_shows_the_library_defaults(tiny_workspace):
+    tiny_workspace.add_context("I am Ana.")
+    defaults = TrainSettings()
+
+    async def scenario(app, pilot):
+        await pilot.press("4")
+        form = {
+            name: app.screen.query_one(f"#f-{name}", Input).value
+            for name in ("epochs", "lr", "rank", "max_len")
+        }
+        assert form == {
+            "epochs": str(defaults.epochs),
+            "lr": str(defaults.lr),
+            "rank": str(defaults.rank),
+            "max_len": str(defaults.max_len),
+        }
+        assert app.screen.query_one("#f-threads", Input).value == ""
+
+    drive(tiny_workspace.root, scenario)
+
+
+def test_train_cancel_resume_and_plot(tiny_workspace):
+    tiny_workspace.add_context("I am Ana.")
+    insert_pairs(tiny_workspace, signal_pairs(6))  # 5 train + 1 held-out pairs: 3 steps of 2
+    state = {"cancelled": False}
+
+    def cancel_after_first_step(message):
+        if isinstance(message, JobRunner.Progressed) and message.event.done >= 1 and not state["cancelled"]:
+            state["cancelled"] = True
+            message.runner.cancel()
+
+    async def scenario(app, pilot):
+        await pilot.press("4")
+        for name, value in FAST.items():
+            app.screen.query_one(f"#f-{name}", Input).value = value
+        await pilot.press("s")
+        await settle(app, pilot)
+        run = runs.get_run(tiny_workspace, "run-1")
+        assert run.status == "cancelled"
+        await pilot.press("r")
+        await settle(app, pilot)
+        line = str(app.screen.query_one("#run-state", Static).render())
+        assert "run-1: finished · step 3/3 · loss" in line
+        plot = app.screen.query_one("#plot-loss")
+        assert "train" in str(plot.render())
+
+    notes = drive(tiny_workspace.root, scenario, hook=cancel_after_first_step)
+    run = runs.get_run(tiny_workspace, "run-1")
+    assert run.status == "finished" and run.summary["steps"] == 3
+    assert run.settings["rank"] == 4 and run.settings["threads"] == 1
+    steps = [x["step"] for x in runs.read_log(tiny_workspace, run.id, "train")]
+    assert steps == [1, 2, 3]
+    assert any(n.title == "Cancelled" for n in notes)
+    assert any("Run run-1 finished: 3 steps on 5 pairs" in n.message for n in notes)

@@ -1,0 +1,146 @@
+"""PairsScreen: generate MIPO pairs with live progress, browse them by PMI, inspect and delete them."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+from textual import on
+from textual.app import ComposeResult, SystemCommand
+from textual.binding import Binding
+from textual.containers import Horizontal
+from textual.widgets import Button, DataTable, Input, Label, Select
+
+from mipo_local import pairs_store
+from mipo_local.pairs import generate_pairs
+from mipo_local.settings import NEGATIVE_STRATEGIES, PairSettings, with_overrides
+
+from ..format import one_line
+from ..widgets.job_runner import JobRunner
+from .pair_detail import PairDetailScreen
+from .section import SectionScreen
+
+
+class PairsScreen(SectionScreen):
+    SECTION = "pairs"
+    AUTO_FOCUS = "#pairs"
+    BINDINGS = [
+        Binding("g", "generate", "Generate"),
+        Binding("c", "cancel_job", "Cancel"),
+        Binding("enter", "show_pair", "Details", show=False),
+        Binding("d", "delete", "Delete"),
+    ]
+
+    def compose_body(self) -> ComposeResult:
+        defaults = PairSettings()
+        with Horizontal(id="pairs-form", classes="form-row"):
+            yield Label("negatives")
+            yield Select(
+                [(s, s) for s in NEGATIVE_STRATEGIES],
+                value=defaults.strategy,
+                allow_blank=False,
+                id="strategy",
+                compact=True,
+            )
+            yield Label("tokens")
+            yield Input(str(defaults.max_tokens), type="integer", id="max-tokens", compact=True)
+            yield Label("candidates")
+            yield Input(str(defaults.candidates), type="integer", id="candidates", compact=True)
+            yield Button("Generate", variant="primary", id="generate", compact=True)
+        yield JobRunner(id="pairs-job")
+        table = DataTable(id="pairs", cursor_type="row", zebra_stripes=True)
+        table.add_column("id", key="id", width=4)
+        table.add_column("PMI", key="pmi", width=7)
+        table.add_column("prompt", key="prompt", width=28)
+        table.add_column("chosen", key="chosen")
+        yield table
+
+    def reload(self) -> None:
+        table = self.query_one("#pairs", DataTable)
+        row = table.cursor_row
+        table.clear()
+        for p in pairs_store.list_pairs(self.ws):
+            pmi = "" if p.pmi_margin is None else f"{p.pmi_margin:+.2f}"
+            table.add_row(str(p.id), pmi, one_line(p.prompt, 60), one_line(p.chosen), key=str(p.id))
+        table.border_title = f"{table.row_count} pairs (Enter: details)"
+        if table.row_count:
+            table.move_cursor(row=min(row, table.row_count - 1))
+
+    # -- generation -----------------------------------------------------------------------------------
+
+    def settings_from_form(self) -> PairSettings | None:
+        try:
+            max_tokens = int(self.query_one("#max-tokens", Input).value)
+            candidates = int(self.query_one("#candidates", Input).value)
+        except ValueError:
+            self.notify("max tokens and candidates must be whole numbers.", severity="error")
+            return None
+        strategy = self.query_one("#strategy", Select).value
+        return with_overrides(PairSettings(), strategy=strategy, max_tokens=max_tokens, candidates=candidates)
+
+    @on(Button.Pressed, "#generate")
+    def action_generate(self) -> None:
+        settings = self.settings_from_form()
+        if settings is not None:
+            self._start(settings)
+
+    def _start(self, settings: PairSettings) -> None:
+        ws = self.ws
+        record = {"mode": "pairs", "description": "Pair generation", "settings": asdict(settings)}
+        self.query_one(JobRunner).start("pairs", lambda: generate_pairs(ws, settings), resume=record)
+
+    def resume_job(self, record: dict) -> None:
+        self._start(PairSettings(**record["settings"]))
+
+    def action_cancel_job(self) -> None:
+        self.query_one(JobRunner).cancel()
+
+    @on(JobRunner.Progressed)
+    @on(JobRunner.Failed)
+    def job_moved(self) -> None:
+        self.reload()  # each chunk of pairs is committed as it finishes
+
+    @on(JobRunner.Finished)
+    def job_finished(self, message: JobRunner.Finished) -> None:
+        s = message.result
+        self.reload()
+        self.notify(
+            f"{s.generated} new pairs ({s.already_done} already done, {s.dropped} dropped, "
+            f"{s.skipped_prompts} prompts skipped)."
+        )
+
+    # -- browsing ---------------------------------------------------------------------------------------
+
+    def _selected_id(self) -> int | None:
+        table = self.query_one("#pairs", DataTable)
+        if not table.row_count:
+            return None
+        return int(table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value)
+
+    @on(DataTable.RowSelected, "#pairs")
+    def action_show_pair(self) -> None:
+        pair_id = self._selected_id()
+        pair = None if pair_id is None else self.app.attempt(pairs_store.get_pair, self.ws, pair_id)
+        if pair is None:
+            return
+
+        def closed(choice: str | None) -> None:
+            if choice == "delete":
+                self._delete(pair_id)
+
+        self.app.push_screen(PairDetailScreen(pair), closed)
+
+    def action_delete(self) -> None:
+        pair_id = self._selected_id()
+        if pair_id is not None:
+            self._delete(pair_id)
+
+    def _delete(self, pair_id: int) -> None:
+        if self.app.succeeded(pairs_store.remove_pair, self.ws, pair_id):
+            self.reload()
+            self.notify(f"Deleted pair {pair_id}.")
+
+    def palette_commands(self):
+        yield SystemCommand(
+            "Generate pairs", "Sample chosen/rejected answers for every prompt", self.action_generate
+        )
+        yield SystemCommand("Cancel pair generation", "Stop after the current chunk", self.action_cancel_job)

@@ -1,0 +1,167 @@
+"""TrainScreen: the training form with the defaults filled in; start, cancel, resume; live curves."""
+
+from __future__ import annotations
+
+from textual import on
+from textual.app import ComposeResult, SystemCommand
+from textual.binding import Binding
+from textual.containers import Grid, Horizontal, Vertical
+from textual.widgets import Button, Input, Label, Static
+
+from mipo_local.progress import format_eta
+from mipo_local.settings import TrainSettings, with_overrides
+from mipo_local.train import runs
+from mipo_local.train.loop import train
+
+from ..widgets.job_runner import JobRunner
+from ..widgets.train_plots import TrainPlots
+from .section import SectionScreen
+
+# The fields offered in the form, in order; the rest keep their defaults (settings.py).
+FORM_FIELDS = [
+    ("epochs", "epochs"),
+    ("lr", "learning rate"),
+    ("beta", "DPO beta"),
+    ("rank", "LoRA rank"),
+    ("grad_accum", "grad accum"),
+    ("max_len", "max tokens"),
+    ("threads", "CPU threads"),
+]
+_TYPES = {
+    "epochs": int,
+    "rank": int,
+    "grad_accum": int,
+    "max_len": int,
+    "threads": int,
+    "lr": float,
+    "beta": float,
+}
+
+
+class TrainScreen(SectionScreen):
+    SECTION = "train"
+    AUTO_FOCUS = "#start"
+    BINDINGS = [
+        Binding("s", "start", "Start"),
+        Binding("c", "cancel_job", "Cancel"),
+        Binding("r", "resume", "Resume"),
+    ]
+
+    def compose_body(self) -> ComposeResult:
+        defaults = TrainSettings()
+        with Horizontal(id="train-body"):
+            with Vertical(id="train-form"):
+                with Grid(id="train-fields"):
+                    for name, label in FORM_FIELDS:
+                        value = getattr(defaults, name)
+                        yield Label(label)
+                        yield Input(
+                            "" if value is None else str(value),
+                            placeholder="auto",
+                            id=f"f-{name}",
+                            compact=True,
+                        )
+                with Horizontal(id="train-buttons"):
+                    yield Button("Start", variant="primary", id="start", compact=True)
+                    yield Button("Cancel", id="cancel", compact=True)
+                    yield Button("Resume", id="resume", compact=True)
+            with Vertical(id="train-view"):
+                yield Static(id="run-state")
+                yield TrainPlots(id="train-plots")
+        yield JobRunner(id="train-job")
+
+    def reload(self) -> None:
+        latest = runs.list_runs(self.ws)
+        self._show_run(latest[-1] if latest else None)
+
+    def _show_run(self, run: runs.Run | None, eta: float | None = None) -> None:
+        state = self.query_one("#run-state", Static)
+        if run is None:
+            state.update(f"No run yet; {self.ws.count('pairs')} pairs ready to train on.")
+            self.query_one(TrainPlots).show([])
+            return
+        log = runs.read_log(self.ws, run.id)
+        steps = [x for x in log if x["kind"] == "train"]
+        line = f"[b]{run.name}[/]: {run.status}"
+        if steps:
+            last = steps[-1]
+            total = next((x.get("total_steps") for x in reversed(log) if x["kind"] == "info"), None)
+            line += (
+                f" · step {last['step']}/{total or '?'} · loss {last['loss']:.4f} · margin {last['margin']:+.3f}"
+                f" · acc {last['accuracy']:.2f} · {last['tokens_per_s']:.0f} tok/s"
+            )
+            if run.status == "running":
+                line += f" · ETA {format_eta(eta)}"
+        state.update(line)
+        self.query_one(TrainPlots).show(log)
+
+    # -- the form ----------------------------------------------------------------------------------------
+
+    def settings_from_form(self) -> TrainSettings | None:
+        values = {}
+        for name, label in FORM_FIELDS:
+            text = self.query_one(f"#f-{name}", Input).value.strip()
+            if not text:
+                continue
+            try:
+                values[name] = _TYPES[name](text)
+            except ValueError:
+                self.notify(f"{label} must be a number, not '{text}'.", severity="error")
+                return None
+        return with_overrides(TrainSettings(), **values)
+
+    # -- jobs --------------------------------------------------------------------------------------------
+
+    @on(Button.Pressed, "#start")
+    def action_start(self) -> None:
+        settings = self.settings_from_form()
+        if settings is None:
+            return
+        name = runs.new_run_name(self.ws)
+        self._run(name, lambda ws: train(ws, settings, run_name=name))
+
+    @on(Button.Pressed, "#resume")
+    def action_resume(self) -> None:
+        unfinished = [r for r in runs.list_runs(self.ws) if r.status != "finished"]
+        if not unfinished:
+            self.notify("Every run has finished; start a new one.", severity="warning")
+            return
+        self.resume_job({"run": unfinished[-1].name})
+
+    def resume_job(self, record: dict) -> None:
+        name = record["run"]
+        self._run(name, lambda ws: train(ws, TrainSettings(), run_name=name, resume=True))
+
+    def _run(self, name: str, job) -> None:
+        ws = self.ws
+        record = {"mode": "train", "description": f"Training run {name}", "run": name}
+        self.query_one(JobRunner).start("train", lambda: job(ws), resume=record)
+        self._current = name
+
+    @on(Button.Pressed, "#cancel")
+    def action_cancel_job(self) -> None:
+        self.query_one(JobRunner).cancel()
+
+    @on(JobRunner.Progressed)
+    def step_done(self, message: JobRunner.Progressed) -> None:
+        self._show_run(runs.get_run(self.ws, self._current), message.event.eta_s)
+
+    @on(JobRunner.Failed)
+    def job_failed(self) -> None:
+        self.reload()
+
+    @on(JobRunner.Finished)
+    def job_finished(self, message: JobRunner.Finished) -> None:
+        self.reload()
+        s = message.result
+        held = f", held-out accuracy {s.final['accuracy']:.2f}" if s.final else ""
+        self.notify(f"Run {s.run} finished: {s.steps} steps on {s.train_pairs} pairs{held}.")
+
+    def palette_commands(self):
+        yield SystemCommand(
+            "Start training", "LoRA DPO on your pairs with the form's settings", self.action_start
+        )
+        yield SystemCommand("Resume training", "Continue the latest unfinished run", self.action_resume)
+        yield SystemCommand(
+            "Cancel training", "Stop after the current step (checkpoints are kept)", self.action_cancel_job
+        )

@@ -1,0 +1,194 @@
+"""JobRunner: runs one library job at a time in a thread worker and shows its progress.
+
+A job is a callable returning either a generator of `Progress` / `Log` events (the library's long jobs)
+or a plain value (short work such as preparing a model). The worker turns events into messages; closing
+the generator between events is how a job is cancelled, so the library commits what it finished.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from textual import work
+from textual.app import ComposeResult
+from textual.containers import Vertical
+from textual.message import Message
+from textual.widgets import Label, ProgressBar
+from textual.worker import Worker, WorkerState, get_current_worker
+
+from mipo_local.errors import Cancelled, MipoError
+from mipo_local.progress import Log, Progress, format_eta
+
+PENDING_KEY = "tui.interrupted_job"  # workspace config: the job to offer again when the app reopens
+
+
+def describe(event: Progress) -> str:
+    """One line for a progress event: counts, rate, ETA and the job's metrics."""
+    rate = f"  {event.rate:.2f} {event.unit}/s" if event.rate else ""
+    metrics = "".join(
+        f"  {k} {v:.4g}" if isinstance(v, float) else f"  {k} {v}" for k, v in event.metrics.items()
+    )
+    return f"{event.done}/{event.total} {event.unit}{rate}  ETA {format_eta(event.eta_s)}{metrics}"
+
+
+class JobRunner(Vertical):
+    """A progress bar, a status line, and the worker that runs the job behind them."""
+
+    @dataclass
+    class Progressed(Message):
+        runner: JobRunner
+        event: Progress
+
+        @property
+        def control(self) -> JobRunner:
+            return self.runner
+
+    @dataclass
+    class Emitted(Message):
+        """Anything else a job yields (the text pieces of a streamed chat answer)."""
+
+        runner: JobRunner
+        item: Any
+
+        @property
+        def control(self) -> JobRunner:
+            return self.runner
+
+    @dataclass
+    class Finished(Message):
+        runner: JobRunner
+        name: str
+        result: Any
+
+        @property
+        def control(self) -> JobRunner:
+            return self.runner
+
+    @dataclass
+    class Failed(Message):
+        """The job raised (a MipoError, Cancelled included); the user was already notified."""
+
+        runner: JobRunner
+        name: str
+        error: BaseException
+
+        @property
+        def control(self) -> JobRunner:
+            return self.runner
+
+    def __init__(self, *, id: str | None = None, classes: str | None = None) -> None:
+        super().__init__(id=id, classes=classes)
+        self._stop = threading.Event()
+        self._user_cancelled = False
+        self._worker: Worker | None = None
+        self._name = ""
+        self._resume: dict | None = None
+
+    def compose(self) -> ComposeResult:
+        yield ProgressBar(total=None, show_eta=False, id="job-bar")
+        yield Label("", id="job-status")
+
+    @property
+    def busy(self) -> bool:
+        """True while the worker's thread runs (also while a cancelled job is closing)."""
+        return self._worker is not None and self._worker.state in (WorkerState.PENDING, WorkerState.RUNNING)
+
+    def start(self, name: str, job: Callable[[], Any], *, resume: dict | None = None) -> bool:
+        """Run `job` in a thread. `resume`: what to offer again if the app closes before it ends."""
+        if self.busy:
+            self.app.notify(
+                f"A {self._name} job is still running; wait for it or cancel it.", severity="warning"
+            )
+            return False
+        self._stop.clear()
+        self._user_cancelled = False
+        self._name = name
+        self._resume = resume
+        if resume is not None:
+            self.app.ws.set_config(PENDING_KEY, resume)
+        self.add_class("-running")
+        self.query_one("#job-bar", ProgressBar).update(total=None, progress=0)
+        self.set_status(f"{name}: starting...")
+        self._worker = self._run(name, job)
+        return True
+
+    def cancel(self) -> None:
+        """Ask the job to stop after its current unit of work; what it finished is kept."""
+        if self.busy:
+            self._user_cancelled = True
+            self._stop.set()
+            self.set_status(f"{self._name}: cancelling after the current step...")
+
+    def on_unmount(self) -> None:
+        # Closing the app: stop at the next event and keep the resume record, so reopening offers it.
+        self._stop.set()
+
+    def set_status(self, text: str) -> None:
+        self.query_one("#job-status", Label).update(text)
+
+    @work(thread=True, exit_on_error=False, group="job")
+    def _run(self, name: str, job: Callable[[], Any]) -> Any:
+        worker = get_current_worker()
+        produced = job()
+        if not hasattr(produced, "__next__"):
+            return produced
+        while True:
+            if self._stop.is_set() or worker.is_cancelled:
+                produced.close()  # runs the job's cleanup in this thread: commit, release the lock
+                raise Cancelled(f"The {name} job was cancelled; finished work was saved.")
+            try:
+                event = next(produced)
+            except StopIteration as stop:
+                return stop.value
+            if isinstance(event, Progress):
+                self.post_message(self.Progressed(self, event))
+            else:
+                self.post_message(self.Emitted(self, event))
+
+    def on_job_runner_progressed(self, message: Progressed) -> None:
+        bar = self.query_one("#job-bar", ProgressBar)
+        bar.update(total=max(1, message.event.total), progress=message.event.done)
+        self.set_status(f"{self._name}: {describe(message.event)}")
+
+    def on_job_runner_emitted(self, message: Emitted) -> None:
+        if isinstance(message.item, Log):
+            self.set_status(f"{self._name}: {message.item.message}")
+            if message.item.level == "warning":
+                self.app.notify(message.item.message, severity="warning")
+
+    def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
+        """The one place a job's end is handled: result, MipoError, cancellation or a bug."""
+        if event.worker is not self._worker or event.state not in (
+            WorkerState.SUCCESS,
+            WorkerState.ERROR,
+            WorkerState.CANCELLED,
+        ):
+            return
+        self.remove_class("-running")
+        interrupted = event.state == WorkerState.CANCELLED or (
+            self._stop.is_set() and not self._user_cancelled
+        )
+        if self._resume is not None and not interrupted and self.is_attached:
+            self.app.ws.set_config(PENDING_KEY, None)
+        if event.state == WorkerState.SUCCESS:
+            self.set_status(f"{self._name}: done.")
+            self.post_message(self.Finished(self, self._name, event.worker.result))
+            return
+        error = event.worker.error
+        if isinstance(error, Cancelled) or event.state == WorkerState.CANCELLED:
+            self.set_status(f"{self._name}: cancelled; finished work was saved.")
+            self.app.notify("Finished work was saved; start it again to continue.", title="Cancelled")
+            error = error if isinstance(error, Cancelled) else Cancelled("cancelled")
+        elif isinstance(error, MipoError):
+            self.set_status(f"{self._name}: stopped.")
+            self.app.notify(str(error), title=error.title, severity="error", timeout=10)
+        else:  # a bug: a readable line on screen, the traceback in the Textual log
+            self.set_status(f"{self._name}: failed.")
+            self.app.notify(
+                f"{type(error).__name__}: {error}", title="Unexpected error", severity="error", timeout=15
+            )
+            self.log.error(repr(error))
+        self.post_message(self.Failed(self, self._name, error))

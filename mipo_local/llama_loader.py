@@ -9,7 +9,6 @@ from typing import Any
 
 from .errors import ModelError
 
-
 _LOG_CALLBACK = None
 
 

@@ -105,12 +105,16 @@ def plan_pairs(ws: Workspace, settings: PairSettings) -> list[PairPlan]:
         settings.candidates,
         settings.seed,
     )
-    plans = []
+    plans: list[PairPlan] = []
+    seen: set[str] = set()  # two contexts with the same text ask for the same pairs once
     for c in contexts:
         pool = negative_pool(c.text, [o.text for o in contexts if o.id != c.id])
         for p in prompts:
             for k in range(settings.per_prompt):
                 key = hashlib.sha256(json.dumps([c.text, p.text, k, *recipe]).encode()).hexdigest()[:24]
+                if key in seen:
+                    continue
+                seen.add(key)
                 rng = np.random.default_rng(_stable_int(key, "plan"))
                 neg_context = neg_prompt = None
                 if settings.strategy == "random-context":

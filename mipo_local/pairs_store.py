@@ -2,6 +2,7 @@
 
 A line of the JSONL file works in TRL and mlx-lm-lora as it is (`prompt`/`chosen`/`rejected`, and the
 same as `messages` lists); the `mipo` object carries what an exact round trip needs (contexts, scores).
+Import also reads TRL's conversational forms, so pairs made elsewhere can be trained on here.
 """
 
 from __future__ import annotations
@@ -88,33 +89,71 @@ def export_jsonl(ws: Workspace, path: Path) -> int:
     return len(pairs)
 
 
-def _record_to_row(path: Path, number: int, obj) -> dict:
-    if not isinstance(obj, dict):
-        raise UserInputError(f"{path}: line {number} is not a JSON object.")
-    for field in ("prompt", "chosen", "rejected"):
-        if not isinstance(obj.get(field), str) or not obj[field].strip():
-            raise UserInputError(f"{path}: line {number} has no non-empty string field '{field}'.")
-    meta = obj.get("mipo") or {}
+def _turns(value, where: str) -> dict[str, str]:
+    """{role: content} of the last system, user and assistant turns of a message list."""
+    if not isinstance(value, list) or not all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+        for m in value
+    ):
+        raise UserInputError(f"{where} is not a list of {{'role', 'content'}} messages.")
+    return {m["role"]: m["content"] for m in value}
+
+
+def _texts(obj: dict, where: str) -> tuple[str, str, str, str]:
+    """(context, prompt, chosen, rejected) from any of the accepted line forms.
+
+    Accepted: strings `prompt`/`chosen`/`rejected` (+ optional `system`), as we write; TRL's conversational
+    form (`prompt` a message list, `chosen`/`rejected` the assistant turns); full conversations in
+    `chosen`/`rejected` (TRL's implicit prompt); or our `messages` object with `chosen`/`rejected` lists.
+    """
+    if isinstance(obj.get("messages"), dict) and not isinstance(obj.get("chosen"), str):
+        obj = {**obj, **obj["messages"]}
+    prompt, chosen, rejected = obj.get("prompt"), obj.get("chosen"), obj.get("rejected")
     context = obj.get("system") or ""
+    if isinstance(chosen, list) or isinstance(rejected, list):
+        head = _turns(prompt, f"{where} 'prompt'") if isinstance(prompt, list) else {}
+        pos, neg = _turns(chosen, f"{where} 'chosen'"), _turns(rejected, f"{where} 'rejected'")
+        context = head.get("system", pos.get("system", context))
+        prompt = head.get("user", pos.get("user", prompt if isinstance(prompt, str) else None))
+        chosen, rejected = pos.get("assistant"), neg.get("assistant")
+    for name, value in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)):
+        if not isinstance(value, str) or not value.strip():
+            raise UserInputError(f"{where} has no non-empty string field '{name}'.")
     if not isinstance(context, str):
-        raise UserInputError(f"{path}: line {number} has a 'system' field that is not a string.")
-    key = (
-        meta.get("pair_key")
-        or "import-"
-        + hashlib.sha256(
-            json.dumps([context, obj["prompt"], obj["chosen"], obj["rejected"]]).encode()
-        ).hexdigest()[:24]
-    )
+        raise UserInputError(f"{where} has a 'system' field that is not a string.")
+    return context, prompt, chosen, rejected
+
+
+def _meta(obj: dict, where: str) -> dict:
+    meta = {} if obj.get("mipo") is None else obj["mipo"]
+    expected = {"seed": int, "settings": dict, "scores": dict, "pmi_margin": (int, float)}
+    expected.update({k: str for k in ("pair_key", "neg_context", "neg_prompt", "strategy", "source")})
+    if not isinstance(meta, dict):
+        raise UserInputError(f"{where} has a 'mipo' field that is not an object.")
+    for key, kind in expected.items():
+        value = meta.get(key)
+        if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+            raise UserInputError(f"{where} has a 'mipo.{key}' of the wrong type.")
+    return meta
+
+
+def _record_to_row(path: Path, number: int, obj) -> dict:
+    where = f"{path}: line {number}"
+    if not isinstance(obj, dict):
+        raise UserInputError(f"{where} is not a JSON object.")
+    context, prompt, chosen, rejected = _texts(obj, where)
+    meta = _meta(obj, where)
+    digest = hashlib.sha256(json.dumps([context, prompt, chosen, rejected]).encode()).hexdigest()[:24]
     return {
-        "pair_key": key,
-        "prompt": obj["prompt"],
+        "pair_key": meta.get("pair_key") or f"import-{digest}",
+        "prompt": prompt,
         "context": context,
         "neg_context": meta.get("neg_context"),
         "neg_prompt": meta.get("neg_prompt"),
         "strategy": meta.get("strategy") or "import",
-        "chosen": obj["chosen"],
-        "rejected": obj["rejected"],
-        "seed": int(meta.get("seed") or 0),
+        "chosen": chosen,
+        "rejected": rejected,
+        "seed": meta.get("seed") or 0,
         "settings": json.dumps(meta.get("settings") or {}),
         "scores": json.dumps(meta["scores"]) if meta.get("scores") else None,
         "pmi_margin": meta.get("pmi_margin"),

@@ -31,6 +31,13 @@ class PairSettings:
 
 
 @dataclass
+class SynthSettings:
+    n: int = 16  # synthetic prompts to add
+    seed: int = 0
+    temperature: float = 0.7  # higher than MIPO's 0.1: the questions should vary
+
+
+@dataclass
 class TrainSettings:
     backend: str = "auto"  # auto | torch | mlx
     device: str = "auto"  # auto | cpu | cuda
@@ -60,6 +67,9 @@ class ExportSettings:
     adapter_only: bool = False
     system_from_contexts: bool = True  # write the user's contexts as the Modelfile SYSTEM
     verify: bool = True
+    min_sign_agreement: float = 0.95  # fidelity below this share of same-sign DPO margins gets a warning
+    verify_pairs: int = 16  # held-out pairs the fidelity check scores (the first by id); bounds its time
+    threads: int | None = None  # llama.cpp threads for quantizing and verifying (None: all cores)
 
 
 @dataclass

@@ -9,8 +9,8 @@ import pytest
 
 from mipo_local import pairs as mipo_pairs
 from mipo_local import pairs_store
-from mipo_local.errors import ModelError, UserInputError
-from mipo_local.personas import persona_bank
+from mipo_local.errors import UserInputError
+from mipo_local.personas import negative_pool, persona_bank
 from mipo_local.settings import PairSettings
 from tests.clihelp import run_cli
 
@@ -38,17 +38,34 @@ def _pair_view(ws):
     ]
 
 
-def test_persona_bank_is_large_and_distinct():
+def test_persona_bank_is_large_distinct_and_well_formed():
+    from importlib import resources
+
+    lines = resources.files("mipo_local").joinpath("data", "personas.jsonl").read_text("utf-8").splitlines()
+    records = [json.loads(line) for line in lines]
+    assert len(records) >= 200 and all(set(r) == {"id", "text"} for r in records)
+    assert len({r["id"] for r in records}) == len(records)
     bank = persona_bank()
-    assert len(bank) >= 200 and len(set(bank)) == len(bank)
+    assert len(set(bank)) == len(bank) == len(records)
+    assert all(40 <= len(t) <= 400 for t in bank)
+    assert sum(not t.isascii() for t in bank) >= 15  # several are written in the persona's own language
+
+
+def test_negative_pool_never_contains_the_users_context():
+    bank = persona_bank()
+    mine = "  " + bank[5].upper() + " "  # the user's context happens to match a persona, up to case/space
+    pool = negative_pool(mine, ["I am Bo, a pilot.", "I am Bo, a pilot."])
+    assert pool[0] == "I am Bo, a pilot." and pool.count("I am Bo, a pilot.") == 1
+    assert bank[5] not in pool and len(pool) == len(bank)
 
 
 @pytest.mark.parametrize("strategy", ["random-context", "no-context", "random-prompt"])
 def test_every_strategy_makes_scored_pairs(tiny_workspace, strategy):
-    _fill(tiny_workspace, contexts=("I am Ana.", "I am Bo, a pilot."))
+    # The same context twice asks for its pairs once; the user's other context may be a negative.
+    _fill(tiny_workspace, contexts=("I am Ana.", "I am Bo, a pilot.", "I am Ana."))
     summary = _run(tiny_workspace, PairSettings(**{**FAST.__dict__, "strategy": strategy}))
     pairs = pairs_store.list_pairs(tiny_workspace)
-    assert summary.generated == len(pairs) == 8  # 4 prompts x 2 contexts
+    assert summary.generated == len(pairs) == 8  # 4 prompts x 2 distinct contexts
     for p in pairs:
         assert p.strategy == strategy and p.scores is not None
         assert p.pmi_margin == pytest.approx(p.scores["pmi_chosen"] - p.scores["pmi_rejected"])
@@ -154,7 +171,7 @@ def test_kill_9_mid_run_then_resume_equals_uninterrupted(ws_dir, tiny_gguf, tmp_
     env = {**os.environ, "MIPO_LOCAL_HOME": str(ws_dir)}
     args = [sys.executable, "-m", "mipo_local.cli.main", "pairs", "--max-tokens", "8", "--temperature", "0.8"]
     proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
+    deadline = time.time() + 600  # a bound, not a timing: a busy machine may take long for a chunk
     while time.time() < deadline and ws.count("pairs") < 16:
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
@@ -207,3 +224,45 @@ def test_default_model_16_prompts_give_16_scored_distinct_pairs(ws_dir, default_
     pairs = pairs_store.list_pairs(Workspace.open(ws_dir))
     assert len(pairs) == 16
     assert all(p.scores and p.chosen != p.rejected for p in pairs)
+
+
+def test_import_reads_trl_conversational_forms(tmp_path):
+    from mipo_local.workspace import Workspace
+
+    sys_, user = {"role": "system", "content": "I am Ana."}, {"role": "user", "content": "Dinner?"}
+    yes, no = {"role": "assistant", "content": "Tofu curry."}, {"role": "assistant", "content": "Steak."}
+    lines = [
+        {"prompt": [sys_, user], "chosen": [yes], "rejected": [no]},  # TRL conversational
+        {
+            "chosen": [sys_, user, yes],
+            "rejected": [sys_, user, {**no, "content": "Fish."}],
+        },  # implicit prompt
+        {
+            "messages": {"chosen": [user, yes], "rejected": [user, {**no, "content": "Ham."}]}
+        },  # ours, no strings
+        {"prompt": "Dinner?", "chosen": "Salad.", "rejected": "Pie.", "system": "I am Ana."},
+    ]
+    path = tmp_path / "trl.jsonl"
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    ws = Workspace.open(tmp_path / "ws", create=True)
+    assert pairs_store.import_jsonl(ws, path) == (4, 0)
+    got = [(p.context, p.prompt, p.chosen, p.rejected, p.strategy) for p in pairs_store.list_pairs(ws)]
+    assert got == [
+        ("I am Ana.", "Dinner?", "Tofu curry.", "Steak.", "import"),
+        ("I am Ana.", "Dinner?", "Tofu curry.", "Fish.", "import"),
+        ("", "Dinner?", "Tofu curry.", "Ham.", "import"),
+        ("I am Ana.", "Dinner?", "Salad.", "Pie.", "import"),
+    ]
+    for bad, message in [
+        ({"prompt": [user], "chosen": "x", "rejected": [no]}, "line 1 'chosen' is not a list"),
+        (
+            {"prompt": "q", "chosen": "a", "rejected": "b", "mipo": {"seed": "7"}},
+            "'mipo.seed' of the wrong type",
+        ),
+        ({"prompt": "q", "chosen": "a", "rejected": "b", "mipo": []}, "'mipo' field that is not an object"),
+        ([1, 2], "line 1 is not a JSON object"),
+    ]:
+        path.write_text(json.dumps(bad) + "\n")
+        with pytest.raises(UserInputError, match=message.replace("(", r"\(")):
+            pairs_store.import_jsonl(ws, path)
+    assert ws.count("pairs") == 4

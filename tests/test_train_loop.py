@@ -1,140 +1,260 @@
+"""The training loop on the tiny model: outputs, run log, resume (cancel, kill -9, damaged checkpoints),
+bad input, NaN, out of memory, the reference cache; one slow run on the default model."""
+
 import json
 import os
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 
 import numpy as np
 import pytest
 
-from mipo_local import adapter_io
+from mipo_local import adapter_io, modelsource
+from mipo_local.chat import EncodedPair
 from mipo_local.errors import TrainingError, UserInputError
-from mipo_local.progress import run_to_end
+from mipo_local.progress import Log, Progress
 from mipo_local.settings import TrainSettings
 from mipo_local.train import runs
+from mipo_local.train.batching import epoch_order, pack_pairs, split_heldout
+from mipo_local.train.checkpoints import checkpoint_dirs
 from mipo_local.train.loop import train
+from mipo_local.workspace import Workspace
 from tests.clihelp import run_cli
 from tests.trainhelp import insert_pairs, signal_pairs
 
-FAST = TrainSettings(
-    precision="fp32",
-    threads=1,
-    rank=4,
-    alpha=8,
-    grad_accum=2,
-    max_len=96,
-    checkpoint_every=1,
-    eval_every=2,
-    lr=1e-3,
-)
+FAST = TrainSettings(precision="fp32", threads=1, rank=4, alpha=8, grad_accum=2, max_len=96,
+                     checkpoint_every=1, eval_every=2, lr=1e-3)  # fmt: skip
+
+
+def _drive(gen, stop_after_step=None):
+    """Run a job generator; with stop_after_step, close it (like Ctrl-C) once that step is reported."""
+    events = []
+    while True:
+        try:
+            ev = next(gen)
+        except StopIteration as stop:
+            return stop.value, events
+        events.append(ev)
+        if stop_after_step and isinstance(ev, Progress) and ev.unit == "steps" and ev.done >= stop_after_step:
+            gen.close()
+            return None, events
+
+
+def test_split_order_and_packing_are_pure_functions():
+    ids = list(range(1, 41))
+    train_ids, held = split_heldout(ids, 0.1, seed=3)
+    assert len(held) == 4 and sorted(train_ids + held) == ids
+    assert split_heldout(list(reversed(ids)), 0.1, seed=3) == (train_ids, held)
+    assert split_heldout(ids, 0.1, seed=4)[1] != held
+    # Adding pairs keeps most of the old held-out set (ranks do not depend on the other pairs).
+    assert len(set(split_heldout(list(range(1, 45)), 0.1, seed=3)[1]) & set(held)) >= 3
+    assert split_heldout([1, 2, 3], 0.1, 0) == ([1, 2, 3], [])
+    assert epoch_order(10, 0, 1) == epoch_order(10, 0, 1) != epoch_order(10, 0, 2)
+
+    p = pack_pairs([EncodedPair([1, 2], [3, 4], [5]), EncodedPair([6], [7], [8, 9])])
+    assert p.tokens.tolist() == [1, 2, 3, 4, 5, 6, 7, 8, 9]
+    assert p.positions.tolist() == [0, 1, 2, 3, 2, 0, 1, 1, 2]  # rejected restarts right after the prompt
+    assert p.predictors.tolist() == [1, 2, 1, 5, 5, 7] and p.targets.tolist() == [3, 4, 5, 7, 8, 9]
+    assert p.owner.tolist() == [0, 0, 1, 2, 3, 3]
+    assert p.mask[4].tolist() == [
+        True,
+        True,
+        False,
+        False,
+        True,
+        False,
+        False,
+        False,
+        False,
+    ]  # not the chosen
+    assert not p.mask[5, :5].any()  # pairs never see each other
 
 
 def test_run_writes_adapter_heldout_and_log(tiny_workspace):
     insert_pairs(tiny_workspace, signal_pairs(10))
-    summary = run_to_end(train(tiny_workspace, FAST, run_name="a"))
+    summary, events = _drive(train(tiny_workspace, FAST, run_name="a"))
     assert summary.train_pairs == 9 and summary.heldout_pairs == 1 and summary.steps == 5
+    assert any(isinstance(e, Progress) and e.unit == "pairs" for e in events)  # reference log-probs
     final = runs.final_dir(tiny_workspace, "a")
     adapter = adapter_io.load_adapter(final / adapter_io.ADAPTER_FILE)
-    assert adapter.rank == 4 and adapter.alpha == 8 and "blk.0.attn_q.weight" in adapter.tensors
-    assert len(adapter.tensors) == 2 * 7
+    assert adapter.rank == 4 and adapter.alpha == 8 and len(adapter.tensors) == 2 * 7
+    assert (
+        adapter.architecture == "llama"
+        and adapter.base_sha256 == modelsource.base_model(tiny_workspace).sha256
+    )
     held = json.loads((final / "heldout.json").read_text())
-    assert len(held) == 1 and {"policy_chosen", "ref_chosen"} <= set(held[0])
-    log = runs.read_log(tiny_workspace, runs.get_run(tiny_workspace, "a").id)
-    assert [x["step"] for x in log if x["kind"] == "train"] == [1, 2, 3, 4, 5]
-    assert {"loss", "margin", "accuracy", "reward_chosen", "lr", "tokens_per_s"} <= set(log[-2])
-    assert runs.get_run(tiny_workspace, "a").status == "finished"
+    assert len(held) == 1 and {
+        "pair_id",
+        "policy_chosen",
+        "policy_rejected",
+        "ref_chosen",
+        "ref_rejected",
+    } <= set(held[0])
+    run = runs.get_run(tiny_workspace, "a")
+    assert run.status == "finished" and run.backend == "torch"
+    log = runs.read_log(tiny_workspace, run.id)
+    steps = [x for x in log if x["kind"] == "train"]
+    assert [x["step"] for x in steps] == [1, 2, 3, 4, 5]
+    assert {
+        "loss",
+        "margin",
+        "accuracy",
+        "reward_chosen",
+        "reward_rejected",
+        "lr",
+        "tokens_per_s",
+        "eta_s",
+    } <= set(steps[-1])
+    assert [x["step"] for x in log if x["kind"] == "eval"] == [2, 4, 5]
     # Reference log-probs are cached per pair: a second run computes none.
-    assert tiny_workspace.query("SELECT COUNT(*) FROM ref_logps")[0][0] == 10
+    assert tiny_workspace.query("SELECT COUNT(*) FROM ref_logps WHERE source = 'torch:fp32'")[0][0] == 10
+    _, events = _drive(train(tiny_workspace, FAST, run_name="b"))
+    assert not any(isinstance(e, Progress) and e.unit == "pairs" for e in events)
+
+    out = run_cli("runs", "list")
+    assert out.exit_code == 0 and "a " in out.stdout and "finished" in out.stdout
+    out = run_cli("runs", "show", "a")
+    assert out.exit_code == 0 and "step    5" in out.stdout
+    out = run_cli("train", "--run", "a")
+    assert out.exit_code == 2 and "Error: A run named 'a' already exists" in out.stderr
 
 
 def test_bad_inputs(tiny_workspace):
     with pytest.raises(UserInputError, match="no pairs"):
-        run_to_end(train(tiny_workspace, FAST))
+        _drive(train(tiny_workspace, FAST))
     insert_pairs(tiny_workspace, signal_pairs(4))
-    run_to_end(train(tiny_workspace, FAST, run_name="x"))
-    with pytest.raises(UserInputError, match="already exists.*--resume"):
-        run_to_end(train(tiny_workspace, FAST, run_name="x"))
     with pytest.raises(UserInputError, match="--targets has unknown names qq"):
-        run_to_end(train(tiny_workspace, TrainSettings(targets=("qq",))))
-    # A corrupt (infinite) reference makes the loss non-finite: training stops with a clear message.
+        _drive(train(tiny_workspace, TrainSettings(targets=("qq",))))
+    with pytest.raises(UserInputError, match="--lr must be between 0 and 1"):
+        _drive(train(tiny_workspace, TrainSettings(lr=2.0)))
+    with pytest.raises(UserInputError, match="There is no run named 'nope'"):
+        _drive(train(tiny_workspace, FAST, run_name="nope", resume=True))
+    _drive(train(tiny_workspace, FAST, run_name="x"))
+    with pytest.raises(UserInputError, match="already exists.*--resume"):
+        _drive(train(tiny_workspace, FAST, run_name="x"))
+    with pytest.raises(UserInputError, match="already finished"):
+        _drive(train(tiny_workspace, FAST, run_name="x", resume=True))
+
+
+def test_cancel_damaged_checkpoint_nan_and_resume(tiny_workspace):
+    insert_pairs(tiny_workspace, signal_pairs(12))
+    settings = TrainSettings(**{**FAST.__dict__, "checkpoint_every": 100, "eval_fraction": 0.0})
+    # Ctrl-C between steps keeps the finished steps: a checkpoint is written on the way out.
+    _drive(train(tiny_workspace, settings, run_name="c"), stop_after_step=2)
+    root = runs.run_dir(tiny_workspace, "c")
+    assert [c.name for c in checkpoint_dirs(root)] == ["step-000002"]
+    assert runs.get_run(tiny_workspace, "c").status == "cancelled"
+    _drive(train(tiny_workspace, settings, run_name="c", resume=True), stop_after_step=4)
+    assert [c.name for c in checkpoint_dirs(root)] == ["step-000002", "step-000004"]
+
+    # A damaged latest checkpoint: a warning, and the previous one is used.
+    (root / "checkpoints" / "step-000004" / "backend.safetensors").write_bytes(b"garbage")
+    summary, events = _drive(train(tiny_workspace, settings, run_name="c", resume=True), stop_after_step=3)
+    warnings = [e.message for e in events if isinstance(e, Log) and e.level == "warning"]
+    assert "step-000004 is damaged" in warnings[0]
+    assert any(isinstance(e, Log) and "at step 2 of 6" in e.message for e in events)
+
+    # A non-finite loss stops training with a clear message; the last good checkpoint stays usable.
     with tiny_workspace.transaction() as conn:
         conn.execute("UPDATE ref_logps SET chosen = ?", (float("inf"),))
-    with pytest.raises(TrainingError, match="loss became inf"):
-        run_to_end(train(tiny_workspace, FAST, run_name="nan"))
-    assert runs.get_run(tiny_workspace, "nan").status == "failed"
+    with pytest.raises(TrainingError, match=r"loss became inf at step 4.*checkpoint \(step 3\) is kept"):
+        _drive(train(tiny_workspace, settings, run_name="c", resume=True))
+    assert runs.get_run(tiny_workspace, "c").status == "failed"
+    assert checkpoint_dirs(root)[-1].name == "step-000003"
+
+    # Every checkpoint damaged: a clear error instead of silently starting over.
+    for ck in checkpoint_dirs(root):
+        (ck / "backend.json").write_text("{")
+    with pytest.raises(TrainingError, match="No checkpoint .* can be read"):
+        _drive(train(tiny_workspace, settings, run_name="c", resume=True))
 
 
-def test_corrupt_checkpoint_falls_back_to_the_previous(tiny_workspace):
-    from mipo_local import modelsource
-    from mipo_local.train.backend import LoraConfig
-    from mipo_local.train.checkpoints import checkpoint_dirs as _checkpoint_dirs
-    from mipo_local.train.checkpoints import load_latest_checkpoint
-    from mipo_local.train.torch_backend import TorchBackend
+def test_reference_from_llama_cpp_logs_its_distance_to_the_exact_one(tiny_workspace):
+    insert_pairs(tiny_workspace, signal_pairs(6))
+    settings = TrainSettings(**{**FAST.__dict__, "ref": "llama.cpp", "eval_fraction": 0.0, "grad_accum": 6})
+    summary, events = _drive(train(tiny_workspace, settings, run_name="l"))
+    assert summary.steps == 1
+    info = [
+        x
+        for x in runs.read_log(tiny_workspace, runs.get_run(tiny_workspace, "l").id)
+        if "ref_mean_abs_diff" in x
+    ]
+    assert info and info[0]["ref_compared_pairs"] == 6 and info[0]["ref_source"] == "llama.cpp"
+    assert info[0]["ref_mean_abs_diff"] < 1e-3  # fp32 torch vs llama.cpp on an F32 model
+    sources = {r[0] for r in tiny_workspace.query("SELECT DISTINCT source FROM ref_logps")}
+    assert sources == {"llama.cpp", "torch:fp32"}
 
-    insert_pairs(tiny_workspace, signal_pairs(10))
-    gen = train(tiny_workspace, FAST, run_name="c")
-    for ev in gen:
-        if getattr(ev, "done", 0) >= 3:
-            gen.close()
-            break
-    root = runs.run_dir(tiny_workspace, "c")
-    cks = _checkpoint_dirs(root)
-    assert [c.name for c in cks] == ["step-000002", "step-000003"]
-    (cks[-1] / "backend.safetensors").write_bytes(b"garbage")
-    b = TorchBackend(precision="fp32", threads=1)
-    b.load(modelsource.base_model(tiny_workspace).file, LoraConfig(4, 8), seed=0)
-    state, warnings = load_latest_checkpoint(root, b)
-    assert state == {"step": 2} and "step-000003 is damaged" in warnings[0]
-    assert runs.get_run(tiny_workspace, "c").status == "cancelled"
+
+OOM_SCRIPT = textwrap.dedent(
+    """
+    import resource, sys
+    import torch, transformers, peft  # mapped before the cap, so only the training's own memory counts
+    from mipo_local.errors import TrainingError
+    from mipo_local.progress import Log
+    from mipo_local.settings import TrainSettings
+    from mipo_local.train.loop import train
+    from mipo_local.workspace import Workspace
+
+    def vm_bytes():
+        line = next(x for x in open("/proc/self/status") if x.startswith("VmSize"))
+        return int(line.split()[1]) * 1024
+
+    ws = Workspace.open(sys.argv[1])
+    job = train(ws, TrainSettings(precision="fp32", threads=1, rank=4, alpha=8, max_len=8192))
+    try:
+        for event in job:
+            if isinstance(event, Log) and "loading" in event.message:
+                cap = vm_bytes() + (1 << 30)  # 1 GiB more than now: plenty for the tiny model, not for the batch
+                resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+    except TrainingError as err:
+        print("ERROR:", err)
+    """
+)
+
+
+def test_out_of_memory_says_what_to_lower(tiny_workspace, ws_dir):
+    long = " ".join(["word"] * 2500)
+    insert_pairs(tiny_workspace, [(f"Question {i}?", long, long + " again") for i in range(4)])
+    env = {**os.environ, "MIPO_LOCAL_HOME": str(ws_dir)}
+    out = subprocess.run(
+        [sys.executable, "-c", OOM_SCRIPT, str(ws_dir)], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert "ERROR: Out of memory" in out.stdout, out.stdout + out.stderr[-3000:]
+    assert "Lower --max-len, --batch-size or --rank" in out.stdout
 
 
 def test_kill_9_then_resume_equals_uninterrupted(ws_dir, tiny_gguf, tmp_path):
-    from mipo_local import modelsource
-    from mipo_local.workspace import Workspace
-
     def make(path):
         ws = Workspace.open(path, create=True)
         modelsource.set_base_model(ws, str(tiny_gguf))
-        insert_pairs(ws, signal_pairs(40))
+        insert_pairs(ws, signal_pairs(12))
         return ws
 
     args = ["train", "--run", "k", "--precision", "fp32", "--threads", "1", "--rank", "4", "--alpha", "8", "--grad-accum", "1",
-            "--max-len", "96", "--checkpoint-every", "1", "--eval-every", "100", "--lr", "1e-3", "--epochs", "3"]  # fmt: skip
+            "--max-len", "96", "--checkpoint-every", "1", "--eval-every", "100", "--lr", "1e-3", "--epochs", "2"]  # fmt: skip
+    cli = [sys.executable, "-m", "mipo_local.cli.main"]
     ws = make(ws_dir)
     env = {**os.environ, "MIPO_LOCAL_HOME": str(ws_dir)}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mipo_local.cli.main", *args],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    proc = subprocess.Popen([*cli, *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ck = runs.run_dir(ws, "k") / "checkpoints"
     deadline = time.time() + 300
-    while time.time() < deadline and not any(
-        p.parent.name >= "step-000005" for p in ck.glob("step-*/state.json")
-    ):
-        time.sleep(0.02)
+    while time.time() < deadline and len(list(ck.glob("step-*/state.json"))) < 2:
+        time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not runs.final_dir(ws, "k").exists()
-    r = subprocess.run(
-        [sys.executable, "-m", "mipo_local.cli.main", "train", "--run", "k", "--resume"],
-        env=env,
-        capture_output=True,
-        text=True,
-    )
+    assert runs.get_run(ws, "k").status == "running"  # what a killed process leaves behind
+    r = subprocess.run([*cli, "train", "--run", "k", "--resume"], env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+    assert "Resuming run 'k' at step " in r.stderr and "Resuming run 'k' at step 0" not in r.stderr
     resumed = adapter_io.load_adapter(runs.final_dir(ws, "k") / adapter_io.ADAPTER_FILE).tensors
 
     ref_ws = make(tmp_path / "ref")
     env_ref = {**os.environ, "MIPO_LOCAL_HOME": str(tmp_path / "ref")}
-    assert (
-        subprocess.run(
-            [sys.executable, "-m", "mipo_local.cli.main", *args], env=env_ref, capture_output=True
-        ).returncode
-        == 0
-    )
+    assert subprocess.run([*cli, *args], env=env_ref, capture_output=True).returncode == 0
     straight = adapter_io.load_adapter(runs.final_dir(ref_ws, "k") / adapter_io.ADAPTER_FILE).tensors
     assert set(resumed) == set(straight)
     for name in straight:
@@ -145,14 +265,11 @@ def test_kill_9_then_resume_equals_uninterrupted(ws_dir, tiny_gguf, tmp_path):
 
 @pytest.mark.slow
 def test_default_model_short_run_beats_chance_on_heldout(ws_dir, default_f16_gguf):
-    from mipo_local.workspace import Workspace
-
     assert run_cli("init").exit_code == 0
     ws = Workspace.open(ws_dir)
     insert_pairs(ws, signal_pairs(20))
-    settings = TrainSettings(
-        lr=5e-4, epochs=2, grad_accum=2, max_len=128, eval_fraction=0.2, eval_every=100, checkpoint_every=100
-    )
-    summary = run_to_end(train(ws, settings, run_name="slow"))
+    settings = TrainSettings(lr=5e-4, epochs=2, grad_accum=2, max_len=128, eval_fraction=0.2, eval_every=100,
+                             checkpoint_every=100)  # fmt: skip
+    summary, _ = _drive(train(ws, settings, run_name="slow"))
     assert summary.heldout_pairs == 4
     assert summary.final["accuracy"] > 0.5 and summary.final["margin"] > 0

@@ -27,6 +27,7 @@ class TinyConfig:
     seed: int = 0
     weight_type: str = "F32"  # F32 | F16 | Q8_0 | Q4_0 (matrices only; norms stay F32)
     std: float = 0.02
+    architecture: str = "llama"  # llama | qwen2 (q/k/v biases) | qwen3 (q/k norms) | gemma3 (+ post norms)
 
 
 _TOKENIZER_PREFIX = "tokenizer."
@@ -38,10 +39,10 @@ def build_tiny_llama(source_gguf: Path, target: Path, cfg: TinyConfig = TinyConf
     vocab = len(reader.get_field(gguf.Keys.Tokenizer.LIST).data)
     rng = np.random.default_rng(cfg.seed)
     head_dim = cfg.n_embd // cfg.n_head
-    arch = "llama"
+    arch = cfg.architecture
 
     writer = gguf.GGUFWriter(target, arch, use_temp_file=False)
-    writer.add_name(f"tiny-llama-{cfg.n_layers}x{cfg.n_embd}")
+    writer.add_name(f"tiny-{arch}-{cfg.n_layers}x{cfg.n_embd}")
     writer.add_type(gguf.GGUFType.MODEL)
     writer.add_context_length(cfg.context_length)
     writer.add_embedding_length(cfg.n_embd)
@@ -53,6 +54,8 @@ def build_tiny_llama(source_gguf: Path, target: Path, cfg: TinyConfig = TinyConf
     writer.add_layer_norm_rms_eps(1e-5)
     writer.add_rope_dimension_count(head_dim)
     writer.add_vocab_size(vocab)
+    if arch == "gemma3":
+        writer.add_sliding_window(cfg.context_length // 4)
     qtype = gguf.GGMLQuantizationType[cfg.weight_type]
     writer.add_file_type(
         {
@@ -91,7 +94,16 @@ def build_tiny_llama(source_gguf: Path, target: Path, cfg: TinyConfig = TinyConf
         add(name(T.ATTN_Q, i), matrix(cfg.n_embd, cfg.n_embd))
         add(name(T.ATTN_K, i), matrix(kv_dim, cfg.n_embd))
         add(name(T.ATTN_V, i), matrix(kv_dim, cfg.n_embd))
+        if arch == "qwen2":
+            for kind, rows in ((T.ATTN_Q, cfg.n_embd), (T.ATTN_K, kv_dim), (T.ATTN_V, kv_dim)):
+                add(name(kind, i).replace(".weight", ".bias"), matrix(1, rows)[0] * 10)
+        if arch in ("qwen3", "gemma3"):
+            add(name(T.ATTN_Q_NORM, i), 1 + matrix(1, head_dim)[0] * 10)
+            add(name(T.ATTN_K_NORM, i), 1 + matrix(1, head_dim)[0] * 10)
         add(name(T.ATTN_OUT, i), matrix(cfg.n_embd, cfg.n_embd))
+        if arch == "gemma3":
+            add(name(T.ATTN_POST_NORM, i), 1 + matrix(1, cfg.n_embd)[0] * 10)
+            add(name(T.FFN_POST_NORM, i), 1 + matrix(1, cfg.n_embd)[0] * 10)
         add(name(T.FFN_NORM, i), np.ones(cfg.n_embd, np.float32))
         add(name(T.FFN_GATE, i), matrix(cfg.n_ff, cfg.n_embd))
         add(name(T.FFN_UP, i), matrix(cfg.n_ff, cfg.n_embd))

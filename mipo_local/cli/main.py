@@ -22,6 +22,7 @@ COMMAND_MODULES = [
     "mipo_local.cli.prompts_cmd",  # prompts add|import|list|rm (synth lives with pairs)
     "mipo_local.cli.pairs_cmd",  # pairs, pairs list|show|rm|export|import, prompts synth
     "mipo_local.cli.train_cmd",  # train, runs list|show
+    "mipo_local.cli.export_cmd",  # export, exports list
     "mipo_local.cli.eval_cmd",  # eval, chat
     "mipo_local.cli.run_cmd",  # run (the whole pipeline)
 ]

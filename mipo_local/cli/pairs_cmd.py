@@ -65,7 +65,7 @@ def pairs(ctx: click.Context, **options) -> None:
 @pairs.command("list")
 @click.pass_context
 def list_cmd(ctx: click.Context) -> None:
-    """List pairs with their PMI margin."""
+    """List all pairs: id, strategy, PMI margin, prompt and the start of the chosen answer."""
     rows = []
     for p in pairs_store.list_pairs(open_workspace(ctx)):
         margin = "" if p.pmi_margin is None else f"{p.pmi_margin:+.2f}"
@@ -97,7 +97,7 @@ def show(ctx: click.Context, pair_id: int) -> None:
 @click.argument("pair_id", type=int)
 @click.pass_context
 def rm(ctx: click.Context, pair_id: int) -> None:
-    """Delete pair PAIR_ID."""
+    """Delete pair PAIR_ID (the ids are in `mipo-local pairs list`)."""
     pairs_store.remove_pair(open_workspace(ctx), pair_id)
     click.echo(f"Removed pair {pair_id}.")
 
@@ -121,10 +121,12 @@ def import_cmd(ctx: click.Context, file: Path) -> None:
 
 
 @click.command()
-@click.option("--n", "n", type=int, default=16, show_default=True, help="How many prompts to add.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed.")
+@click.option("--n", "n", type=int, default=None, help="How many prompts to add (default: 16).")
+@click.option(
+    "--seed", type=int, default=None, help="Sampling seed (default: 0; reruns continue with new samples)."
+)
 @click.pass_context
-def synth(ctx: click.Context, n: int, seed: int) -> None:
+def synth(ctx: click.Context, n: int | None, seed: int | None) -> None:
     """Let the base model propose N questions a person with your contexts would ask."""
     ws = open_workspace(ctx)
     added = drive(synthesize_prompts(ws, n, seed=seed))

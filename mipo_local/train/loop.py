@@ -10,13 +10,13 @@ backend's tensors and the step to resume exactly where a killed run stopped.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import platform
-import shutil
 import time
 from collections.abc import Generator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -32,10 +32,14 @@ from ..workspace import Workspace
 from . import runs
 from .backend import Backend, LoraConfig, PairBatch
 from .batching import TrainPair, encode_pairs, epoch_order, micro_batches, split_heldout
+from .checkpoints import STATE_FILE, load_latest_checkpoint, save_checkpoint
 from .dpo import dpo_metrics, dpo_terms
+from .reference import LLAMA_CPP, backend_source, cached, mean_abs_difference, reference_logps
 
 HELDOUT_FILE = "heldout.json"
-KEEP_CHECKPOINTS = 2
+SPLIT_FILE = "split.json"  # the run's train / held-out pair ids, fixed at its start
+COMPARE_PAIRS = 8  # pairs scored by the second reference source to report how far the two are apart
+OOM_HINT = "Lower --max-len, --batch-size or --rank (or use fewer --targets), then rerun with --resume."
 
 
 @dataclass
@@ -44,150 +48,100 @@ class TrainSummary:
     steps: int
     train_pairs: int
     heldout_pairs: int
-    final: dict
-    seconds: float
+    final: dict  # held-out metrics at the end (empty without held-out pairs)
+    seconds: float  # the whole job, model loading included
+    load_seconds: float = 0.0
+    last_train: dict = field(default_factory=dict)  # the last step's training metrics
+
+
+def backend_name(settings: TrainSettings) -> str:
+    """`auto`: MLX on Apple Silicon, torch everywhere else (CUDA when there is one)."""
+    if settings.backend == "auto":
+        return "mlx" if platform.system() == "Darwin" and platform.machine() == "arm64" else "torch"
+    return settings.backend
 
 
 def pick_backend(settings: TrainSettings) -> Backend:
-    """`auto`: MLX on Apple Silicon, torch everywhere else (CUDA when there is one)."""
-    name = settings.backend
-    if name == "auto":
-        name = "mlx" if platform.system() == "Darwin" and platform.machine() == "arm64" else "torch"
+    """A fresh (unloaded) backend object for the settings; heavy imports happen here."""
+    name = backend_name(settings)
+    options = dict(
+        precision=settings.precision, threads=settings.threads, grad_checkpointing=settings.grad_checkpointing
+    )
     if name == "torch":
         try:
             from .torch_backend import TorchBackend
         except ImportError as err:
             raise TrainingError("The torch backend needs torch, transformers and peft installed.") from err
-        return TorchBackend(
-            precision=settings.precision,
-            threads=settings.threads,
-            grad_checkpointing=settings.grad_checkpointing,
-        )
+        return TorchBackend(**options)
     if name == "mlx":
         try:
             from .mlx_backend import MLXBackend
         except ImportError as err:
             raise TrainingError("The MLX backend needs mlx and mlx-lm (pip install mlx mlx-lm).") from err
-        return MLXBackend()
+        return MLXBackend(**options)
     raise UserInputError(f"--backend must be auto, torch or mlx, not '{name}'.")
 
 
-def validate(settings: TrainSettings) -> None:
-    bad = [t for t in settings.targets if t not in LORA_TARGETS]
-    if bad:
+def validate(s: TrainSettings) -> None:
+    """Raise UserInputError naming the first bad setting."""
+    bad = [t for t in s.targets if t not in LORA_TARGETS]
+    if bad or not s.targets:
         raise UserInputError(
-            f"--targets has unknown names {', '.join(bad)}; valid: {','.join(LORA_TARGETS)}."
+            f"--targets has unknown names {', '.join(bad) or '(none given)'}; valid: {','.join(LORA_TARGETS)}."
         )
-    for field, low in (("epochs", 1), ("rank", 1), ("batch_size", 1), ("grad_accum", 1), ("max_len", 32)):
-        if getattr(settings, field) < low:
-            raise UserInputError(f"--{field.replace('_', '-')} must be at least {low}.")
-    if not 0 < settings.lr < 1:
-        raise UserInputError(f"--lr must be between 0 and 1, not {settings.lr}.")
-    if settings.ref not in ("cached", "llama.cpp"):
-        raise UserInputError(f"--ref must be cached or llama.cpp, not '{settings.ref}'.")
+    for name, low in (("epochs", 1), ("rank", 1), ("batch_size", 1), ("grad_accum", 1), ("max_len", 32),
+                      ("eval_every", 1), ("checkpoint_every", 1)):  # fmt: skip
+        if getattr(s, name) < low:
+            raise UserInputError(
+                f"--{name.replace('_', '-')} must be at least {low}, not {getattr(s, name)}."
+            )
+    checks = [
+        ("lr", 0 < s.lr < 1, "between 0 and 1"),
+        ("beta", s.beta > 0, "positive"),
+        ("alpha", s.alpha > 0, "positive"),
+        ("eval_fraction", 0 <= s.eval_fraction <= 0.5, "between 0 and 0.5"),
+        ("warmup_ratio", 0 <= s.warmup_ratio < 1, "between 0 and 1"),
+        ("backend", s.backend in ("auto", "torch", "mlx"), "auto, torch or mlx"),
+        ("ref", s.ref in ("cached", LLAMA_CPP), "cached or llama.cpp"),
+        ("device", s.device in ("auto", "cpu", "cuda"), "auto, cpu or cuda"),
+        ("precision", s.precision in ("auto", "bf16", "fp32"), "auto, bf16 or fp32"),
+    ]
+    for name, ok, what in checks:
+        if not ok:
+            raise UserInputError(f"--{name.replace('_', '-')} must be {what}, not {getattr(s, name)!r}.")
 
 
 def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
-    """Linear warmup to `peak`, then cosine decay to 10% of it."""
+    """Linear warmup to `peak` over `warmup` steps, then cosine decay to 10% of it at `total`."""
     if step < warmup:
         return peak * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-# -- reference log-probs, computed once per pair and cached in the workspace --------------------------
-
-
-def reference_logps(
-    ws, backend, items: list[TrainPair], source: str, model_sha: str, max_len: int, base_path: Path
-):
-    """{pair_id: (chosen, rejected)} from the cache, computing the missing ones (adapter off, or llama.cpp)."""
-    rows = ws.query(
-        "SELECT pair_id, chosen, rejected FROM ref_logps WHERE model_sha256 = ? AND source = ? AND max_len = ?",
-        (model_sha, source, max_len),
-    )
-    cache = {r["pair_id"]: (r["chosen"], r["rejected"]) for r in rows}
-    missing = [t for t in items if t.pair_id not in cache]
-    if missing:
-        if source == "llama.cpp":
-            from ..engine import Engine
-
-            longest = max(
-                len(t.encoded.prompt) + max(len(t.encoded.chosen), len(t.encoded.rejected)) for t in missing
-            )
-            with Engine(base_path, n_seq=8, ctx_per_seq=longest + 8) as eng:
-                scores = eng.score_many(
-                    [(t.encoded.prompt, r) for t in missing for r in (t.encoded.chosen, t.encoded.rejected)]
-                )
-            values = [(scores[2 * i], scores[2 * i + 1]) for i in range(len(missing))]
-        else:
-            values = []
-            for chunk in micro_batches(missing, 4):
-                c, r = backend.logprobs([t.encoded for t in chunk], adapter=False)
-                values += list(zip(c.tolist(), r.tolist(), strict=True))
-        with ws.transaction() as conn:
-            for t, (c, r) in zip(missing, values, strict=True):
-                conn.execute(
-                    "INSERT OR REPLACE INTO ref_logps(pair_id, model_sha256, source, max_len, chosen, rejected) VALUES (?, ?, ?, ?, ?, ?)",
-                    (t.pair_id, model_sha, source, max_len, c, r),
-                )
-                cache[t.pair_id] = (c, r)
-    return cache
-
-
-# -- checkpoints -------------------------------------------------------------------------------------------
-
-
-def _checkpoint_dirs(root: Path) -> list[Path]:
-    ck = root / runs.CHECKPOINTS_DIR
-    return sorted(p for p in ck.glob("step-*") if (p / "state.json").is_file()) if ck.is_dir() else []
-
-
-def save_checkpoint(root: Path, backend: Backend, step: int, state: dict) -> Path:
-    target = root / runs.CHECKPOINTS_DIR / f"step-{step:06d}"
-    private_dir(target.parent)
-    with atomic_dir(target) as tmp:
-        backend.save(tmp)
-        (tmp / "state.json").write_text(
-            json.dumps(state)
-        )  # written last: its presence marks a whole checkpoint
-    for old in _checkpoint_dirs(root)[:-KEEP_CHECKPOINTS]:
-        shutil.rmtree(old, ignore_errors=True)
-    return target
-
-
-def load_latest_checkpoint(root: Path, backend: Backend) -> tuple[dict, list[str]]:
-    """Restore the newest loadable checkpoint; a damaged one is skipped with a warning (the previous stays usable)."""
-    warnings = []
-    for ck in reversed(_checkpoint_dirs(root)):
-        try:
-            state = json.loads((ck / "state.json").read_text())
-            backend.load_state(ck)
-            return state, warnings
-        except (TrainingError, ValueError, KeyError) as err:
-            warnings.append(f"Checkpoint {ck.name} is damaged ({err}); trying the previous one.")
-    return {}, warnings
-
-
-# -- the loop ---------------------------------------------------------------------------------------------------
-
-
-def evaluate(backend: Backend, items: list[TrainPair], refs: dict, beta: float) -> dict[str, float]:
-    pc, pr, rc, rr = [], [], [], []
+def evaluate(backend: Backend, items: list[TrainPair], refs: dict, beta: float) -> tuple[dict, dict]:
+    """Held-out DPO metrics of the current policy, and its summed log-probs per pair id."""
+    policy = {}
     for chunk in micro_batches(items, 4):
         c, r = backend.logprobs([t.encoded for t in chunk], adapter=True)
-        pc += c.tolist()
-        pr += r.tolist()
-        rc += [refs[t.pair_id][0] for t in chunk]
-        rr += [refs[t.pair_id][1] for t in chunk]
-    loss, r_c, r_r = dpo_terms(*(np.array(x) for x in (pc, pr, rc, rr)), beta, np)
-    return {**dpo_metrics(loss, r_c, r_r), "_policy": list(zip(pc, pr, strict=True))}
+        policy.update({t.pair_id: (float(a), float(b)) for t, a, b in zip(chunk, c, r, strict=True)})
+    ids = [t.pair_id for t in items]
+    arrays = [np.array([src[i][k] for i in ids]) for src in (policy, refs) for k in (0, 1)]
+    loss, r_c, r_r = dpo_terms(*arrays, beta, np)
+    return dpo_metrics(loss, r_c, r_r), policy
 
 
 def train(
     ws: Workspace, settings: TrainSettings, run_name: str | None = None, resume: bool = False
 ) -> Generator[Progress | Log, None, TrainSummary]:
-    """The `mipo-local train` job: yields progress, returns a summary. Resumable after Ctrl-C or kill -9."""
+    """The `mipo-local train` job: yields progress, returns a summary. Resumable after Ctrl-C or kill -9.
+
+    With resume=True the run's own stored settings are used (the given ones are ignored).
+
+    Raises:
+        UserInputError: no pairs, bad settings, an existing run name without resume.
+        TrainingError: NaN loss, out of memory, unreadable checkpoints.
+    """
     validate(settings)
     model = modelsource.base_model(ws)
     pairs = list_pairs(ws)
@@ -195,12 +149,17 @@ def train(
         raise UserInputError("There are no pairs to train on.", hint="Generate them first: mipo-local pairs")
     with ws.job("train", f"mipo-local train ({run_name or 'new run'})"):
         if resume:
-            run = runs.require_run(ws, run_name) if run_name else runs.require_run(ws, None)
-            settings = TrainSettings(**{**run.settings, "targets": tuple(run.settings["targets"])})
+            run = runs.require_run(ws, run_name)
+            if run.status == "finished":
+                raise UserInputError(
+                    f"The run '{run.name}' has already finished; there is nothing to resume."
+                )
+            known = {f.name for f in dataclasses.fields(TrainSettings)}
+            stored = {k: v for k, v in run.settings.items() if k in known}
+            settings = TrainSettings(**{**stored, "targets": tuple(stored["targets"])})
         else:
-            backend_name = pick_backend(settings).name
             run = runs.create_run(
-                ws, run_name or runs.new_run_name(ws), backend_name, asdict(settings), asdict(model)
+                ws, run_name or runs.new_run_name(ws), backend_name(settings), asdict(settings), asdict(model)
             )
         try:
             return (yield from _train_run(ws, settings, run, model, pairs, resume))
@@ -212,45 +171,75 @@ def train(
             raise
 
 
+def _split(root: Path, items: list[TrainPair], settings: TrainSettings, resume: bool):
+    """The run's (train, held-out) items: fixed when the run starts, so a resume sees the same data."""
+    by_id = {t.pair_id: t for t in items}
+    path = root / SPLIT_FILE
+    if resume and path.is_file():
+        saved = json.loads(path.read_text())
+        gone = [i for i in saved["train"] + saved["heldout"] if i not in by_id]
+        if gone:
+            raise TrainingError(
+                f"Pair {gone[0]} was removed after run {root.name} started; it cannot resume exactly.",
+                hint="Start a new run with another --run name.",
+            )
+        train_ids, held_ids = saved["train"], saved["heldout"]
+    else:
+        train_ids, held_ids = split_heldout(list(by_id), settings.eval_fraction, settings.seed)
+        atomic_write_text(path, json.dumps({"train": train_ids, "heldout": held_ids}))
+    if not train_ids:
+        raise UserInputError(f"All {len(items)} pairs are held out; add pairs or lower the held-out share.")
+    return [by_id[i] for i in train_ids], [by_id[i] for i in held_ids]
+
+
 def _train_run(ws, settings, run, model, pairs, resume) -> Generator[Progress | Log, None, TrainSummary]:
     started = time.monotonic()
     root = private_dir(runs.run_dir(ws, run.name))
-    lora = LoraConfig(settings.rank, settings.alpha, tuple(settings.targets))
-    yield Log("train", f"Run '{run.name}': loading {model.name} with the {settings.backend} backend...")
     backend = pick_backend(settings)
-    backend.load(model.file, lora, seed=settings.seed, device=settings.device)
+    yield Log("train", f"Run '{run.name}': loading {model.name} for the {backend.name} backend...")
+    lora = LoraConfig(settings.rank, settings.alpha, tuple(settings.targets))
+    try:
+        backend.load(model.file, lora, seed=settings.seed, device=settings.device)
+    except MemoryError as err:
+        raise TrainingError(f"Out of memory while loading {model.name} for training.", hint=OOM_HINT) from err
+    load_seconds = time.monotonic() - started
+    runs.set_status(ws, run.id, "running")
 
+    # Data: the model's own template and tokenizer; the split fixed at the run's start.
     items = encode_pairs(str(model.file), pairs, settings.max_len)
-    by_id = {t.pair_id: t for t in items}
-    train_ids, held_ids = split_heldout(list(by_id), settings.eval_fraction, settings.seed)
-    train_items, held_items = [by_id[i] for i in train_ids], [by_id[i] for i in held_ids]
-    refs = reference_logps(
-        ws,
-        backend,
-        items,
-        "llama.cpp" if settings.ref == "llama.cpp" else backend.name,
-        model.sha256,
-        settings.max_len,
-        model.file,
-    )
-    if settings.ref == "llama.cpp":
-        exact = reference_logps(
-            ws, backend, held_items[:8], backend.name, model.sha256, settings.max_len, model.file
-        )
-        if exact:
-            diff = float(
-                np.mean([abs(refs[i][0] - exact[i][0]) + abs(refs[i][1] - exact[i][1]) for i in exact]) / 2
-            )
-            runs.log(ws, run.id, 0, "info", {"ref_mean_abs_diff_llama_cpp_vs_backend": diff})
-            yield Log(
-                "train",
-                f"Reference log-probs: llama.cpp vs {backend.name} differ by {diff:.4f} nats on average.",
-            )
+    train_items, held_items = _split(root, items, settings, resume)
+    items = train_items + held_items
 
+    # Reference log-probs, once per pair, from the cache when a run already computed them.
+    exact = backend_source(backend)
+    source = LLAMA_CPP if settings.ref == LLAMA_CPP else exact
+    ref_args = dict(
+        model_sha=model.sha256, max_len=settings.max_len, base_gguf=model.file, threads=settings.threads
+    )
+    try:
+        refs = yield from reference_logps(ws, backend, items, source=source, **ref_args)
+        if source == LLAMA_CPP:  # how far the fast source is from the exact one, on a few pairs
+            other = yield from reference_logps(ws, backend, items[:COMPARE_PAIRS], source=exact, **ref_args)
+        else:
+            other = cached(ws, [t.pair_id for t in items], model.sha256, LLAMA_CPP, settings.max_len)
+    except MemoryError as err:
+        raise TrainingError("Out of memory while computing reference log-probs.", hint=OOM_HINT) from err
+    compared = mean_abs_difference(refs, other)
+    if compared and not resume:
+        diff, n = compared
+        info = {"ref_source": source, "ref_mean_abs_diff": diff, "ref_compared_pairs": n,
+                "ref_compared_sources": sorted({exact, LLAMA_CPP})}  # fmt: skip
+        runs.log(ws, run.id, 0, "info", info)
+        yield Log(
+            "train",
+            f"Reference log-probs: llama.cpp and {exact} differ by {diff:.4f} nats on average ({n} pairs).",
+        )
+
+    # The schedule.
     per_step = settings.batch_size * settings.grad_accum
-    steps_per_epoch = max(1, math.ceil(len(train_items) / per_step))
+    steps_per_epoch = math.ceil(len(train_items) / per_step)
     total = steps_per_epoch * settings.epochs
-    warmup = max(1, int(round(settings.warmup_ratio * total)))
+    warmup = max(1, round(settings.warmup_ratio * total))
     step = 0
     if resume:
         state, warnings = load_latest_checkpoint(root, backend)
@@ -259,97 +248,83 @@ def _train_run(ws, settings, run, model, pairs, resume) -> Generator[Progress | 
         step = int(state.get("step", 0))
         runs.truncate_log(ws, run.id, step)
         yield Log("train", f"Resuming run '{run.name}' at step {step} of {total}.")
-    runs.set_status(ws, run.id, "running")
-    runs.log(
-        ws,
-        run.id,
-        step,
-        "info",
-        {
-            "train_pairs": len(train_items),
-            "heldout_pairs": len(held_items),
-            "total_steps": total,
-            "backend": backend.name,
-        },
-    )
+    runs.log(ws, run.id, step, "info", {"train_pairs": len(train_items), "heldout_pairs": len(held_items),
+                                        "total_steps": total, "backend": backend.name, "ref_source": source})  # fmt: skip
+
     clock = EtaClock(total, already_done=step)
-    tokens_done, t0 = 0.0, time.monotonic()
+    t0, tokens, pairs_done = time.monotonic(), 0, 0
+    saved_step, at_yield, metrics = step, False, {}
     try:
         while step < total:
             epoch, in_epoch = divmod(step, steps_per_epoch)
             order = epoch_order(len(train_items), settings.seed, epoch)
             chosen = [train_items[i] for i in order[in_epoch * per_step : (in_epoch + 1) * per_step]]
             lr = lr_at(step, total, settings.lr, warmup)
-            batch_metrics = []
+            parts = []
             for mb in micro_batches(chosen, settings.batch_size):
-                pb = PairBatch(
-                    [t.encoded for t in mb],
-                    np.array([refs[t.pair_id][0] for t in mb]),
-                    np.array([refs[t.pair_id][1] for t in mb]),
+                pb = PairBatch([t.encoded for t in mb], np.array([refs[t.pair_id][0] for t in mb]),
+                               np.array([refs[t.pair_id][1] for t in mb]))  # fmt: skip
+                parts.append(
+                    (len(mb), backend.accumulate(pb, beta=settings.beta, loss_scale=len(mb) / len(chosen)))
                 )
-                batch_metrics.append(
-                    backend.accumulate(pb, beta=settings.beta, loss_scale=len(mb) / len(chosen))
-                )
-            metrics = {
-                k: float(np.mean([m[k] for m in batch_metrics])) for k in batch_metrics[0] if k != "tokens"
-            }
+            keys = ("loss", "reward_chosen", "reward_rejected", "margin", "accuracy")
+            metrics = {k: sum(n * m[k] for n, m in parts) / len(chosen) for k in keys}
             if not math.isfinite(metrics["loss"]):
                 raise TrainingError(
-                    f"The loss became {metrics['loss']} at step {step + 1}; training stopped and the last good checkpoint is kept.",
-                    hint="Lower --lr and resume with --resume.",
+                    f"The loss became {metrics['loss']} at step {step + 1}; training stopped and the last "
+                    f"good checkpoint (step {saved_step}) is kept.",
+                    hint="Lower --lr, then continue with --resume.",
                 )
             grad_norm = backend.optimizer_step(lr)
+            if not math.isfinite(grad_norm):
+                raise TrainingError(
+                    f"The gradients became {grad_norm} at step {step + 1}; training stopped and the last "
+                    f"good checkpoint (step {saved_step}) is kept.",
+                    hint="Lower --lr, then continue with --resume.",
+                )
             step += 1
-            tokens_done += sum(m["tokens"] for m in batch_metrics)
-            metrics.update(
-                lr=lr, grad_norm=grad_norm, tokens_per_s=tokens_done / max(1e-9, time.monotonic() - t0)
-            )
+            tokens += sum(t.n_tokens for t in chosen)
+            pairs_done += len(chosen)
+            elapsed = max(1e-9, time.monotonic() - t0)
+            _, eta = clock.estimate(step)
+            metrics.update(lr=lr, grad_norm=grad_norm, epoch=epoch + 1, tokens_per_s=tokens / elapsed,
+                           pairs_per_s=pairs_done / elapsed, eta_s=eta)  # fmt: skip
             runs.log(ws, run.id, step, "train", metrics)
             if held_items and (step % settings.eval_every == 0 or step == total):
-                ev = evaluate(backend, held_items, refs, settings.beta)
-                ev.pop("_policy")
+                ev, _ = evaluate(backend, held_items, refs, settings.beta)
                 runs.log(ws, run.id, step, "eval", ev)
-                yield Log(
-                    "train",
-                    f"step {step}: held-out loss {ev['loss']:.4f}, accuracy {ev['accuracy']:.2f}, margin {ev['margin']:.3f}",
-                )
+                yield Log("train", f"step {step}: held-out loss {ev['loss']:.4f}, accuracy {ev['accuracy']:.2f}, "
+                                   f"margin {ev['margin']:+.3f}")  # fmt: skip
             if step % settings.checkpoint_every == 0 and step < total:
-                save_checkpoint(root, backend, step, {"step": step})
-            yield clock.event(
-                "train",
-                step,
-                unit="steps",
-                loss=round(metrics["loss"], 4),
-                acc=round(metrics["accuracy"], 2),
-                lr=f"{lr:.2e}",
-            )
+                save_checkpoint(root, backend, {"step": step, "epoch": epoch, "total": total})
+                saved_step = step
+            at_yield = True
+            yield clock.event("train", step, unit="steps", loss=round(metrics["loss"], 4),
+                              acc=round(metrics["accuracy"], 2), lr=f"{lr:.2e}")  # fmt: skip
+            at_yield = False
     except MemoryError as err:
-        raise TrainingError(
-            "Out of memory while training.",
-            hint="Lower --max-len, --batch-size or --rank, or use --grad-checkpointing.",
-        ) from err
+        raise TrainingError(f"Out of memory at training step {step + 1}.", hint=OOM_HINT) from err
+    except (GeneratorExit, KeyboardInterrupt):
+        # Cancelled between two steps: the state is whole, keep what was trained since the last checkpoint.
+        if at_yield and step > saved_step:
+            save_checkpoint(
+                root, backend, {"step": step, "epoch": (step - 1) // steps_per_epoch, "total": total}
+            )
+        raise
 
-    final = evaluate(backend, held_items, refs, settings.beta) if held_items else {}
-    policy = final.pop("_policy", [])
+    final, policy = evaluate(backend, held_items, refs, settings.beta) if held_items else ({}, {})
     heldout = [
-        {
-            "pair_id": t.pair_id,
-            "policy_chosen": pc,
-            "policy_rejected": pr,
-            "ref_chosen": refs[t.pair_id][0],
-            "ref_rejected": refs[t.pair_id][1],
-        }
-        for t, (pc, pr) in zip(held_items, policy, strict=True)
-    ]
+        {"pair_id": t.pair_id, "policy_chosen": policy[t.pair_id][0], "policy_rejected": policy[t.pair_id][1],
+         "ref_chosen": refs[t.pair_id][0], "ref_rejected": refs[t.pair_id][1]}
+        for t in held_items
+    ]  # fmt: skip
     with atomic_dir(runs.final_dir(ws, run.name)) as tmp:
         save_adapter(tmp / ADAPTER_FILE, backend.lora_tensors(), alpha=settings.alpha, rank=settings.rank,
                      base_sha256=model.sha256, architecture=model.architecture,
-                     extra={"run": run.name, "settings": asdict(settings)})  # fmt: skip
-        atomic_write_text(tmp / HELDOUT_FILE, json.dumps(heldout))
-        backend.save(tmp)
-        (tmp / "state.json").write_text(json.dumps({"step": step}))
-    summary = TrainSummary(
-        run.name, step, len(train_items), len(held_items), final, time.monotonic() - started
-    )
+                     extra={"run": run.name, "backend": backend.name, "settings": asdict(settings)})  # fmt: skip
+        (tmp / HELDOUT_FILE).write_text(json.dumps(heldout))
+        (tmp / STATE_FILE).write_text(json.dumps({"step": step, "total": total}))
+    summary = TrainSummary(run.name, step, len(train_items), len(held_items), final,
+                           time.monotonic() - started, load_seconds, metrics)  # fmt: skip
     runs.set_status(ws, run.id, "finished", asdict(summary))
     return summary

@@ -10,7 +10,9 @@ mlx-lm's. Imports mlx: only the MLX backend loads this module.
 from __future__ import annotations
 
 import importlib
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import gguf
 import mlx.core as mx
@@ -25,7 +27,6 @@ Q = gguf.GGMLQuantizationType
 T = gguf.MODEL_TENSOR
 GROUP_SIZE = 32  # every GGUF block format MLX reads (Q4_0, Q4_1, Q8_0) has 32 weights per block
 KEPT_QUANTIZED = {Q.Q4_0: 4, Q.Q4_1: 4, Q.Q8_0: 8}
-MX_LOAD_TYPES = {Q.F32, Q.F16, *KEPT_QUANTIZED}  # the types mx.load reads itself
 MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3": "gemma3_text"}
 
 _TOP_LEVEL = {T.TOKEN_EMBD: "model.embed_tokens", T.OUTPUT_NORM: "model.norm", T.OUTPUT: "lm_head"}
@@ -52,24 +53,41 @@ _BLOCK_NORMS = {
 }
 
 
-def model_args(info: gguf_io.GGUFInfo) -> dict:
+@dataclass
+class ModelFile:
+    """What building the model needs from a GGUF: its metadata (small values) and its tensors' row counts."""
+
+    path: Path
+    architecture: str
+    metadata: dict[str, Any]
+    rows: dict[str, int]  # tensor name -> first numpy dimension (packed quantized arrays keep it)
+
+    def arch_key(self, suffix: str) -> Any:
+        return self.metadata.get(f"{self.architecture}.{suffix}")
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.arch_key("block_count"))
+
+
+def model_args(info: ModelFile) -> dict:
     """mlx-lm's ModelArgs fields (a superset; each architecture's from_dict keeps its own) from the metadata."""
     key = info.arch_key
+    n_embd = int(key("embedding_length"))
     n_head = int(key("attention.head_count"))
-    shapes = {t.name: t.shape for t in info.tensors}
     params = {
         "model_type": MODEL_TYPES[info.architecture],
-        "hidden_size": info.n_embd,
+        "hidden_size": n_embd,
         "num_hidden_layers": info.n_layers,
         "intermediate_size": int(key("feed_forward_length")),
         "num_attention_heads": n_head,
         "num_key_value_heads": int(key("attention.head_count_kv") or n_head),
-        "head_dim": int(key("attention.key_length") or info.n_embd // n_head),
+        "head_dim": int(key("attention.key_length") or n_embd // n_head),
         "rms_norm_eps": float(key("attention.layer_norm_rms_epsilon")),
-        "vocab_size": shapes[gguf_io.tensor_name(T.TOKEN_EMBD)][0],
-        "max_position_embeddings": info.context_length,
+        "vocab_size": info.rows[gguf_io.tensor_name(T.TOKEN_EMBD)],
+        "max_position_embeddings": int(key("context_length") or 4096),
         "rope_theta": float(key("rope.freq_base") or 10000.0),
-        "tie_word_embeddings": gguf_io.tensor_name(T.OUTPUT) not in shapes,
+        "tie_word_embeddings": gguf_io.tensor_name(T.OUTPUT) not in info.rows,
     }
     scaling = key("rope.scaling.type")
     if scaling == "linear":
@@ -120,23 +138,31 @@ def _repack_block_quants(t: gguf.ReaderTensor) -> tuple[np.ndarray, np.ndarray, 
     return packed, d, bias
 
 
-def read_tensors(path: Path, info: gguf_io.GGUFInfo) -> dict[str, mx.array]:
-    """GGUF-named arrays: `<stem>.weight` plus `<stem>.scales` / `<stem>.biases` for the quantized ones."""
-    if all(t.type in MX_LOAD_TYPES for t in info.tensors):
-        return mx.load(str(path))
-    # mx.load refuses files with other types (K-quants, Q5_0...): repack the block quants it would
-    # keep, dequantize the rest.
-    out: dict[str, mx.array] = {}
-    for t in gguf_io.open_reader(path).tensors:
+def read_model_file(path: Path) -> tuple[ModelFile, dict[str, mx.array]]:
+    """The file's metadata and its GGUF-named arrays: `<stem>.weight`, plus `<stem>.scales` / `<stem>.biases`
+    for the quantized ones. Raises ModelError (from gguf_io) for a missing, foreign or damaged file."""
+    try:  # the fast path: MLX reads F32/F16/Q4_0/Q4_1/Q8_0 files and their metadata natively
+        tensors, meta = mx.load(str(path), return_metadata=True)
+        metadata = {k: v.item() if isinstance(v, mx.array) and v.ndim == 0 else v for k, v in meta.items()}
+        rows = {k: v.shape[0] for k, v in tensors.items()}
+        arch = str(metadata.get(gguf.Keys.General.ARCHITECTURE, ""))
+        return ModelFile(Path(path), arch, metadata, rows), tensors
+    except Exception:  # noqa: BLE001 - any failure goes to gguf-py, which names the problem
+        pass  # other tensor types (K-quants, Q5_0...) or a bad file: gguf-py reads it or says what is wrong
+    reader = gguf_io.open_reader(path)
+    info = gguf_io.read_info(path, reader=reader, check_arch=False)
+    tensors = {}
+    for t in reader.tensors:  # repack the block quants MLX keeps, dequantize the rest
         if t.tensor_type in KEPT_QUANTIZED:
             stem = t.name.removesuffix(".weight")
             w, scales, biases = _repack_block_quants(t)
-            out[t.name], out[f"{stem}.scales"], out[f"{stem}.biases"] = (
+            tensors[t.name], tensors[f"{stem}.scales"], tensors[f"{stem}.biases"] = (
                 mx.array(a) for a in (w, scales, biases)
             )
         else:
-            out[t.name] = mx.array(gguf_io.tensor_to_float32(t))
-    return out
+            tensors[t.name] = mx.array(gguf_io.tensor_to_float32(t))
+    rows = {t.name: t.shape[0] for t in info.tensors}
+    return ModelFile(Path(path), info.architecture, info.metadata, rows), tensors
 
 
 def _stem_map(architecture: str, n_layers: int) -> dict[str, tuple[str, gguf.MODEL_TENSOR]]:
@@ -149,7 +175,7 @@ def _stem_map(architecture: str, n_layers: int) -> dict[str, tuple[str, gguf.MOD
     return stems
 
 
-def mlx_weights(tensors: dict[str, mx.array], info: gguf_io.GGUFInfo, dtype) -> tuple[dict, mx.array | None]:
+def mlx_weights(tensors: dict[str, mx.array], info: ModelFile, dtype) -> tuple[dict, mx.array | None]:
     """Rename to mlx-lm's parameter names, undo llama's q/k permutation, cast floats to `dtype`.
 
     Returns (weights, rope_freqs): llama 3's per-frequency rope factors travel as a tensor in the GGUF.
@@ -193,15 +219,18 @@ class FactorRoPE(nn.Module):
         )
 
 
-def load_model(path: Path, dtype=mx.float32) -> tuple[nn.Module, gguf_io.GGUFInfo]:
-    """The frozen mlx-lm model of a GGUF file, and the file's info. Raises ModelError for what it cannot load."""
-    info = gguf_io.read_info(path)
+def load_model(path: Path, dtype=mx.float32) -> tuple[nn.Module, ModelFile]:
+    """The frozen mlx-lm model of a GGUF file, and the file's metadata. Raises ModelError for what it cannot load."""
+    info, tensors = read_model_file(path)
     if info.architecture not in MODEL_TYPES:
-        raise ModelError(f"{path}: the MLX backend does not support the '{info.architecture}' architecture.")
+        raise ModelError(
+            f"{path} uses the architecture '{info.architecture}', which the MLX backend does not support; "
+            f"supported: {', '.join(MODEL_TYPES)}."
+        )
     params = model_args(info)
     module = importlib.import_module(f"mlx_lm.models.{params['model_type']}")
     model = module.Model(module.ModelArgs.from_dict(params))
-    weights, rope_freqs = mlx_weights(read_tensors(path, info), info, dtype)
+    weights, rope_freqs = mlx_weights(tensors, info, dtype)
     weights = model.sanitize(weights)
     bits = {
         key.removesuffix(".scales"): weights[key.replace(".scales", ".weight")].shape[1]

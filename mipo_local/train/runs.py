@@ -11,7 +11,6 @@ from ..errors import UserInputError, WorkspaceError
 from ..workspace import Workspace
 
 FINAL_DIR = "final"
-CHECKPOINTS_DIR = "checkpoints"
 
 
 @dataclass

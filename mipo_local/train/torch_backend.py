@@ -7,9 +7,10 @@ for the reference (the adapter is switched off instead).
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,8 @@ HF_PROJ = {
     "up": "up_proj",
     "down": "down_proj",
 }
+STATE_TENSORS = "backend.safetensors"
+STATE_INDEX = "backend.json"
 _MODULE = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+_proj)$")
 
 
@@ -47,6 +50,22 @@ def gguf_permute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
     Applied to LoRA's b (out x rank) it maps an HF-layout delta to the GGUF layout.
     """
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+@contextlib.contextmanager
+def _quiet_gguf_conversion():
+    """transformers' GGUF loader draws a tqdm bar on stderr; library code must not print."""
+    from functools import partial
+
+    from tqdm.auto import tqdm
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    saved = gguf_utils.tqdm
+    gguf_utils.tqdm = partial(tqdm, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = saved
 
 
 class TorchBackend(Backend):
@@ -86,19 +105,21 @@ class TorchBackend(Backend):
         self.architecture = info.architecture
         self.n_head = int(info.arch_key("attention.head_count"))
         self.n_head_kv = int(info.arch_key("attention.head_count_kv") or self.n_head)
-        os.environ.setdefault("TQDM_DISABLE", "1")  # transformers' GGUF conversion draws its own bars
+        # bf16: the frozen weights are loaded straight into bf16 (half the memory, and no fp32 copy for
+        # autocast to cast on every pass); fp32 where bf16 is slow or when asked for exact numbers.
+        dtype = torch.bfloat16 if self.bf16 else torch.float32
         try:
-            model = AutoModelForCausalLM.from_pretrained(
-                str(base_gguf.parent),
-                gguf_file=base_gguf.name,
-                dtype=torch.float32,
-                attn_implementation="sdpa",
-            )
+            with _quiet_gguf_conversion():
+                model = AutoModelForCausalLM.from_pretrained(
+                    str(base_gguf.parent), gguf_file=base_gguf.name, dtype=dtype, attn_implementation="sdpa"
+                )
         except (ValueError, KeyError, NotImplementedError, OSError) as err:
             raise ModelError(
                 f"transformers cannot load {base_gguf.name} ({info.architecture}) for training: {err}"
             ) from err
         model.config.use_cache = False
+        if self.bf16:
+            _keep_residual_stream_fp32(model)
         torch.manual_seed(seed)
         self.lora = lora
         config = PeftLoraConfig(
@@ -108,18 +129,13 @@ class TorchBackend(Backend):
             target_modules=[HF_PROJ[t] for t in lora.targets],
             bias="none",
         )
-        self.model = get_peft_model(model, config)
+        # PEFT keeps the LoRA weights in fp32 even on a bf16 base (autocast_adapter_dtype).
+        with warnings.catch_warnings():  # PEFT asks transformers a deprecated question; not the user's concern
+            warnings.simplefilter("ignore", FutureWarning)
+            self.model = get_peft_model(model, config, autocast_adapter_dtype=True)
         inner = self.model.get_base_model()
         self._decoder = inner.model
-        head = inner.lm_head.weight.detach()
-        if self.bf16:
-            # The frozen matrices are stored in bf16: autocast would cast them on every pass anyway, and
-            # would keep a bf16 copy of each alive for the backward pass. Embeddings, norms and LoRA stay fp32.
-            for module in self._decoder.modules():
-                if isinstance(module, torch.nn.Linear) and not module.weight.requires_grad:
-                    module.weight.data = module.weight.data.to(torch.bfloat16)
-            head = head.to(torch.bfloat16)  # a copy when tied to the (fp32) embeddings
-        self._head_weight = head
+        self._head_weight = inner.lm_head.weight.detach()  # tied models: the embedding matrix itself
         inner.lm_head = torch.nn.Identity()  # the head runs on response rows only (_sequence_logps)
         self._softcap = float(getattr(model.config, "final_logit_softcapping", None) or 0.0)
         if self.grad_checkpointing:
@@ -140,7 +156,8 @@ class TorchBackend(Backend):
         padding, and the output head runs only on the rows that predict a response token.
         """
         import torch
-        import torch.nn.functional as F
+
+        from .torch_head import head_logprobs
 
         packed = pack_pairs(pairs)
         dev = self.device
@@ -149,11 +166,10 @@ class TorchBackend(Backend):
         mask = torch.from_numpy(packed.mask).to(dev)[None, None]
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.bf16):
             hidden = self._decoder(input_ids=ids, position_ids=pos, attention_mask=mask).last_hidden_state[0]
-            logits = F.linear(hidden[torch.from_numpy(packed.predictors).to(dev)], self._head_weight)
-        logits = logits.float()
-        if self._softcap:
-            logits = self._softcap * torch.tanh(logits / self._softcap)
-        token_lp = -F.cross_entropy(logits, torch.from_numpy(packed.targets).to(dev), reduction="none")
+        rows = hidden[torch.from_numpy(packed.predictors).to(dev)]
+        token_lp = head_logprobs(
+            rows, self._head_weight, torch.from_numpy(packed.targets).to(dev), self._softcap
+        )
         sums = torch.zeros(packed.n_sequences, dtype=torch.float32, device=dev)
         return sums.index_add(0, torch.from_numpy(packed.owner).to(dev), token_lp)
 
@@ -161,7 +177,7 @@ class TorchBackend(Backend):
         import torch
 
         self.model.eval()
-        with torch.no_grad():
+        with _oom_as_memory_error(), torch.no_grad():
             if adapter:
                 lp = self._sequence_logps(pairs)
             else:
@@ -174,17 +190,14 @@ class TorchBackend(Backend):
         import torch
 
         self.model.train()
-        lp = self._sequence_logps(batch.pairs)
-        ref_c = torch.tensor(batch.ref_chosen, dtype=torch.float32, device=self.device)
-        ref_r = torch.tensor(batch.ref_rejected, dtype=torch.float32, device=self.device)
-        loss, r_c, r_r = dpo_terms(lp[0::2], lp[1::2], ref_c, ref_r, beta, torch)
-        (loss.mean() * loss_scale).backward()
-        metrics = dpo_metrics(
-            loss.detach().cpu().numpy(), r_c.detach().cpu().numpy(), r_r.detach().cpu().numpy()
-        )
-        metrics["tokens"] = float(
-            sum(2 * len(e.prompt) + len(e.chosen) + len(e.rejected) for e in batch.pairs)
-        )
+        with _oom_as_memory_error():
+            lp = self._sequence_logps(batch.pairs)
+            ref_c = torch.tensor(batch.ref_chosen, dtype=torch.float32, device=self.device)
+            ref_r = torch.tensor(batch.ref_rejected, dtype=torch.float32, device=self.device)
+            loss, r_c, r_r = dpo_terms(lp[0::2], lp[1::2], ref_c, ref_r, beta, torch)
+            (loss.mean() * loss_scale).backward()
+        metrics = dpo_metrics(*(x.detach().cpu().numpy() for x in (loss, r_c, r_r)))
+        metrics["tokens"] = float(sum(len(e.prompt) + len(e.chosen) + len(e.rejected) for e in batch.pairs))
         return metrics
 
     def optimizer_step(self, lr: float, *, max_grad_norm: float = 1.0) -> float:
@@ -199,7 +212,14 @@ class TorchBackend(Backend):
 
     # -- state ------------------------------------------------------------------------------------
 
+    @property
+    def ref_source(self) -> str:
+        """Name of this backend's reference numbers in the cache: precision changes them."""
+        return f"torch:{'bf16' if self.bf16 else 'fp32'}"
+
     def save(self, directory: Path) -> None:
+        """LoRA weights, AdamW moments and steps, RNG states: one safetensors file + a JSON index."""
+        import torch
         from safetensors.torch import save_file
 
         directory = Path(directory)
@@ -207,15 +227,18 @@ class TorchBackend(Backend):
             f"param.{n}": p.detach().cpu().contiguous()
             for n, p in zip(self.param_names, self.params, strict=True)
         }
-        steps = {}
         for i, p in enumerate(self.params):
             st = self.optimizer.state.get(p)
             if st:
                 tensors[f"adam.{i}.exp_avg"] = st["exp_avg"].cpu().contiguous()
                 tensors[f"adam.{i}.exp_avg_sq"] = st["exp_avg_sq"].cpu().contiguous()
-                steps[i] = float(st["step"])
-        save_file(tensors, str(directory / "backend.safetensors"))
-        (directory / "backend.json").write_text(json.dumps({"backend": self.name, "adam_steps": steps}))
+                tensors[f"adam.{i}.step"] = torch.as_tensor(st["step"], dtype=torch.float32).reshape(1).cpu()
+        tensors["rng.cpu"] = torch.get_rng_state()
+        if self.device.type == "cuda":
+            tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
+        save_file(tensors, str(directory / STATE_TENSORS))
+        meta = {"backend": self.name, "params": self.param_names, "bf16": self.bf16}
+        (directory / STATE_INDEX).write_text(json.dumps(meta))
 
     def load_state(self, directory: Path) -> None:
         import torch
@@ -223,65 +246,122 @@ class TorchBackend(Backend):
 
         directory = Path(directory)
         try:
-            tensors = load_file(str(directory / "backend.safetensors"))
-            meta = json.loads((directory / "backend.json").read_text())
-        except Exception as err:
+            tensors = load_file(str(directory / STATE_TENSORS))
+            meta = json.loads((directory / STATE_INDEX).read_text())
+        except Exception as err:  # safetensors raises several types for damaged files
             raise TrainingError(f"The checkpoint {directory} is damaged or incomplete ({err}).") from err
+        if meta.get("params") != self.param_names:
+            raise TrainingError(
+                f"The checkpoint {directory} was written for other LoRA settings or another model."
+            )
+        for n, p in zip(self.param_names, self.params, strict=True):
+            if tensors.get(f"param.{n}") is None or tensors[f"param.{n}"].shape != p.shape:
+                raise TrainingError(f"The checkpoint {directory} does not match this model (tensor {n}).")
+        state = {}
+        for i in range(len(self.params)):
+            if f"adam.{i}.step" in tensors:
+                state[i] = {
+                    "step": tensors[f"adam.{i}.step"].reshape(()),
+                    "exp_avg": tensors[f"adam.{i}.exp_avg"].to(self.device),
+                    "exp_avg_sq": tensors[f"adam.{i}.exp_avg_sq"].to(self.device),
+                }
         with torch.no_grad():
             for n, p in zip(self.param_names, self.params, strict=True):
-                if f"param.{n}" not in tensors:
-                    raise TrainingError(
-                        f"The checkpoint {directory} does not match this model (missing {n})."
-                    )
                 p.copy_(tensors[f"param.{n}"].to(self.device))
-        state = {}
-        for key, step in meta["adam_steps"].items():
-            i = int(key)
-            state[i] = {
-                "step": torch.tensor(step),
-                "exp_avg": tensors[f"adam.{i}.exp_avg"].to(self.device),
-                "exp_avg_sq": tensors[f"adam.{i}.exp_avg_sq"].to(self.device),
-            }
         sd = self.optimizer.state_dict()
         sd["state"] = state
         self.optimizer.load_state_dict(sd)
+        torch.set_rng_state(tensors["rng.cpu"])
+        if "rng.cuda" in tensors and self.device.type == "cuda":
+            torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
 
-    # -- export ----------------------------------------------------------------------------------
+    # -- GGUF layout ------------------------------------------------------------------------------
 
-    def lora_tensors(self) -> dict[str, LoraTensor]:
+    def _lora_modules(self):
+        """(GGUF base-tensor name, target kind, PEFT LoRA layer) for every adapted projection."""
         short = {v: k for k, v in HF_PROJ.items()}
-        out = {}
         for name, module in self.model.named_modules():
             m = _MODULE.search(name)
-            if not m or not hasattr(module, "lora_A") or "default" not in module.lora_A:
-                continue
-            layer, proj = int(m.group(1)), m.group(2)
+            if m and hasattr(module, "lora_A") and "default" in module.lora_A:
+                kind = short[m.group(2)]
+                yield gguf_io.tensor_name(gguf_io.LORA_TARGET_TENSORS[kind], int(m.group(1))), kind, module
+
+    def _to_gguf_rows(self, kind: str, b: np.ndarray) -> np.ndarray:
+        """transformers un-permuted llama's q/k rows when loading; permute b's rows back (GGUF order)."""
+        if self.architecture == "llama" and kind in ("q", "k"):
+            return gguf_permute_rows(b, self.n_head if kind == "q" else self.n_head_kv)
+        return b
+
+    def _from_gguf_rows(self, kind: str, b: np.ndarray) -> np.ndarray:
+        if self.architecture == "llama" and kind in ("q", "k"):
+            return gguf_unpermute_rows(b, self.n_head if kind == "q" else self.n_head_kv)
+        return b
+
+    def lora_tensors(self) -> dict[str, LoraTensor]:
+        out = {}
+        for target, kind, module in self._lora_modules():
             a = module.lora_A["default"].weight.detach().float().cpu().numpy()
             b = module.lora_B["default"].weight.detach().float().cpu().numpy()
-            kind = short[proj]
-            if self.architecture == "llama" and kind in ("q", "k"):
-                b = gguf_permute_rows(b, self.n_head if kind == "q" else self.n_head_kv)
-            target = gguf_io.tensor_name(gguf_io.LORA_TARGET_TENSORS[kind], layer)
-            out[target] = LoraTensor(a.copy(), np.ascontiguousarray(b), float(module.scaling["default"]))
+            scale = float(module.scaling["default"])
+            out[target] = LoraTensor(a.copy(), np.ascontiguousarray(self._to_gguf_rows(kind, b)), scale)
+        return out
+
+    def lora_gradients(self) -> dict[str, LoraTensor]:
+        """The accumulated (not yet applied) gradients of each LoRA pair, in GGUF layout like lora_tensors."""
+        out = {}
+        for target, kind, module in self._lora_modules():
+            ga, gb = module.lora_A["default"].weight.grad, module.lora_B["default"].weight.grad
+            if ga is None or gb is None:
+                continue
+            b = gb.detach().float().cpu().numpy()
+            out[target] = LoraTensor(
+                ga.detach().float().cpu().numpy(),
+                np.ascontiguousarray(self._to_gguf_rows(kind, b)),
+                float(module.scaling["default"]),
+            )
         return out
 
     def set_lora_tensors(self, tensors: dict[str, LoraTensor]) -> None:
-        """Load LoRA weights given in GGUF layout (the inverse of lora_tensors); used for parity tests."""
+        """Load LoRA weights given in GGUF layout (the inverse of lora_tensors), e.g. for parity tests."""
         import torch
 
-        short = {v: k for k, v in HF_PROJ.items()}
         with torch.no_grad():
-            for name, module in self.model.named_modules():
-                m = _MODULE.search(name)
-                if not m or not hasattr(module, "lora_A") or "default" not in module.lora_A:
-                    continue
-                kind = short[m.group(2)]
-                t = tensors[gguf_io.tensor_name(gguf_io.LORA_TARGET_TENSORS[kind], int(m.group(1)))]
-                b = t.b
-                if self.architecture == "llama" and kind in ("q", "k"):
-                    b = gguf_unpermute_rows(b, self.n_head if kind == "q" else self.n_head_kv)
+            for target, kind, module in self._lora_modules():
+                t = tensors[target]
+                b = np.ascontiguousarray(self._from_gguf_rows(kind, np.asarray(t.b, np.float32)))
                 module.lora_A["default"].weight.copy_(torch.from_numpy(np.asarray(t.a, np.float32)))
-                module.lora_B["default"].weight.copy_(torch.from_numpy(np.ascontiguousarray(b, np.float32)))
+                module.lora_B["default"].weight.copy_(torch.from_numpy(b))
+
+
+def _keep_residual_stream_fp32(model) -> None:
+    """On a bf16-loaded model: norms back to fp32 and the embedding's output upcast, so the residual
+    stream (and every norm) runs in fp32 while the matrices stay bf16. The embedding table stays bf16:
+    tied models share it with the output head, which autocast runs in bf16 anyway."""
+    import torch
+
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear | torch.nn.Embedding):
+            continue
+        for param in module.parameters(recurse=False):
+            param.data = param.data.float()
+    model.get_input_embeddings().register_forward_hook(lambda _m, _inputs, out: out.float())
+
+
+@contextlib.contextmanager
+def _oom_as_memory_error():
+    """torch reports running out of memory as RuntimeError (CPU) or OutOfMemoryError: make it MemoryError,
+    which the loop turns into a message saying what to lower."""
+    try:
+        yield
+    except RuntimeError as err:
+        text = str(err)
+        if (
+            "out of memory" in text.lower()
+            or "can't allocate memory" in text
+            or "DefaultCPUAllocator" in text
+        ):
+            raise MemoryError(text) from err
+        raise
 
 
 def gguf_unpermute_rows(w: np.ndarray, n_head: int) -> np.ndarray:

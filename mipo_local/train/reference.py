@@ -1,0 +1,103 @@
+"""Reference log-probs: computed once per pair, cached in the workspace (`ref_logps`), reused by every run.
+
+Two sources: the training backend with its adapter switched off (exact: the same numerics as the policy),
+or llama.cpp on the base GGUF (fast for big models). The cache key is (pair, model sha256, source,
+max_len), so a different model, source, precision or truncation never reads a stale value.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from pathlib import Path
+
+import numpy as np
+
+from ..progress import EtaClock, Progress
+from ..workspace import Workspace
+from .backend import Backend
+from .batching import TrainPair, micro_batches
+
+LLAMA_CPP = "llama.cpp"
+CHUNK = 4  # pairs per no-grad forward pass
+Refs = dict[int, tuple[float, float]]
+
+
+def backend_source(backend: Backend) -> str:
+    """The cache's name for a backend's own numbers, e.g. `torch:bf16` (precision changes the values)."""
+    return getattr(backend, "ref_source", backend.name)
+
+
+def cached(ws: Workspace, pair_ids: list[int], model_sha: str, source: str, max_len: int) -> Refs:
+    wanted = set(pair_ids)
+    rows = ws.query(
+        "SELECT pair_id, chosen, rejected FROM ref_logps WHERE model_sha256 = ? AND source = ? AND max_len = ?",
+        (model_sha, source, max_len),
+    )
+    return {r["pair_id"]: (r["chosen"], r["rejected"]) for r in rows if r["pair_id"] in wanted}
+
+
+def _store(ws: Workspace, values: Refs, model_sha: str, source: str, max_len: int) -> None:
+    with ws.transaction() as conn:
+        conn.executemany(
+            "INSERT OR REPLACE INTO ref_logps(pair_id, model_sha256, source, max_len, chosen, rejected)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            [(pid, model_sha, source, max_len, c, r) for pid, (c, r) in values.items()],
+        )
+
+
+def _score_llama_cpp(base_gguf: Path, items: list[TrainPair], threads: int | None) -> Refs:
+    from ..engine import Engine
+
+    longest = max(len(t.encoded.prompt) + max(len(t.encoded.chosen), len(t.encoded.rejected)) for t in items)
+    with Engine(base_gguf, n_seq=8, ctx_per_seq=longest + 8, n_threads=threads) as engine:
+        scores = engine.score_many(
+            [(t.encoded.prompt, r) for t in items for r in (t.encoded.chosen, t.encoded.rejected)]
+        )
+    return {t.pair_id: (scores[2 * i], scores[2 * i + 1]) for i, t in enumerate(items)}
+
+
+def reference_logps(
+    ws: Workspace,
+    backend: Backend,
+    items: list[TrainPair],
+    *,
+    source: str,
+    model_sha: str,
+    max_len: int,
+    base_gguf: Path,
+    threads: int | None = None,
+) -> Generator[Progress, None, Refs]:
+    """{pair_id: (chosen, rejected)} for `items`: the cache first, the missing ones computed and stored.
+
+    Yields progress while computing; each chunk is committed as it finishes, so a cancelled job keeps them.
+    """
+    refs = cached(ws, [t.pair_id for t in items], model_sha, source, max_len)
+    missing = [t for t in items if t.pair_id not in refs]
+    if not missing:
+        return refs
+    clock = EtaClock(len(missing))
+    if source == LLAMA_CPP:
+        yield clock.event("train", 0, "reference log-probs (llama.cpp)", unit="pairs")
+        values = _score_llama_cpp(base_gguf, missing, threads)
+        _store(ws, values, model_sha, source, max_len)
+        refs.update(values)
+        yield clock.event("train", len(missing), "reference log-probs (llama.cpp)", unit="pairs")
+        return refs
+    done = 0
+    for chunk in micro_batches(missing, CHUNK):
+        c, r = backend.logprobs([t.encoded for t in chunk], adapter=False)
+        values = {t.pair_id: (float(a), float(b)) for t, a, b in zip(chunk, c, r, strict=True)}
+        _store(ws, values, model_sha, source, max_len)
+        refs.update(values)
+        done += len(chunk)
+        yield clock.event("train", done, "reference log-probs (adapter off)", unit="pairs")
+    return refs
+
+
+def mean_abs_difference(a: Refs, b: Refs) -> tuple[float, int] | None:
+    """Mean |a - b| over the chosen and rejected log-probs of the pairs both hold, and how many pairs."""
+    common = sorted(set(a) & set(b))
+    if not common:
+        return None
+    diffs = [abs(a[i][k] - b[i][k]) for i in common for k in (0, 1)]
+    return float(np.mean(diffs)), len(common)

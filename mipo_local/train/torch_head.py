@@ -1,0 +1,54 @@
+"""The output head fused with the log-prob of the target token, for the torch backend (imports torch).
+
+DPO needs only log p(target) at response positions, never the logits themselves. Holding the full
+(tokens x 49k-vocabulary) logits, their log-softmax and its gradient alive through the backward pass
+costs hundreds of MB. Here the head runs chunk by chunk; when a gradient is needed, d log p / d hidden
+is computed in the same pass (it depends only on that row's softmax and the target) and kept instead of
+the logits, so the backward pass is one multiplication. Math per row h with target t:
+
+    z = W h (optionally c * tanh(z / c)),   log p_t = z_t - logsumexp(z)
+    d log p_t / d h = W^T (onehot_t - softmax(z))   (times the tanh derivative for a soft cap)
+"""
+
+from __future__ import annotations
+
+import torch
+
+CHUNK_ROWS = 128  # 128 x 49k fp32 logits = 25 MB at a time
+
+
+class HeadLogProbs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, softcap: float):
+        want_grad = ctx.needs_input_grad[0]
+        out, grads = [], []
+        for start in range(0, hidden.shape[0], CHUNK_ROWS):
+            h, t = hidden[start : start + CHUNK_ROWS], targets[start : start + CHUNK_ROWS]
+            # The matmul runs in the head's dtype (bf16 on the fast path); everything after it in fp32.
+            logits = (h.to(weight.dtype) @ weight.T).float()
+            if softcap:
+                capped = torch.tanh(logits / softcap)
+                logits = softcap * capped
+            lse = torch.logsumexp(logits, dim=-1)
+            rows = torch.arange(len(t), device=t.device)
+            out.append(logits[rows, t] - lse)
+            if want_grad:
+                g = torch.exp(logits - lse[:, None]).neg_()  # -softmax
+                g[rows, t] += 1.0
+                if softcap:
+                    g *= 1.0 - capped * capped
+                grads.append((g.to(weight.dtype) @ weight).to(hidden.dtype))
+        if want_grad:
+            ctx.save_for_backward(torch.cat(grads))
+        return torch.cat(out)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        (d_hidden,) = ctx.saved_tensors
+        return d_hidden * grad_out[:, None].to(d_hidden.dtype), None, None, None
+
+
+def head_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, softcap: float = 0.0):
+    """log p(targets[i] | hidden[i]) in fp32 for rows of final hidden states; `weight` is the frozen head."""
+    with torch.autocast(hidden.device.type, enabled=False):
+        return HeadLogProbs.apply(hidden, weight, targets, softcap)

@@ -10,10 +10,19 @@ from tests.clihelp import run_cli
 
 
 def _checksum(root):
+    """Content of the workspace: the database's rows (not its bytes, which WAL checkpoints rewrite) and files."""
+    import sqlite3
+
     digest = hashlib.sha256()
     for path in sorted(root.rglob("*")):
-        if path.is_file() and not path.name.endswith(("-wal", "-shm")):
-            digest.update(str(path.relative_to(root)).encode())
+        if not path.is_file() or path.name.endswith(("-wal", "-shm")):
+            continue
+        digest.update(str(path.relative_to(root)).encode())
+        if path.suffix == ".db":
+            con = sqlite3.connect(path)
+            digest.update("\n".join(con.iterdump()).encode())
+            con.close()
+        else:
             digest.update(path.read_bytes())
     return digest.hexdigest()
 

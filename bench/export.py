@@ -32,7 +32,9 @@ DISHES = ("lentil soup", "chickpea curry", "mushroom risotto", "black bean tacos
 
 
 def _answer(dish: str, style: str, n: int) -> str:
-    steps = [f"Step {i + 1}: {style} the {dish} ingredients, taste, and adjust the seasoning." for i in range(n)]
+    steps = [
+        f"Step {i + 1}: {style} the {dish} ingredients, taste, and adjust the seasoning." for i in range(n)
+    ]
     return f"Here is a {style} way to make {dish}. " + " ".join(steps)
 
 
@@ -63,7 +65,18 @@ def build_workspace(root: Path, pairs: int, std: float) -> str:
 
 def run_export(ws_dir: Path, run: str, *args: str) -> tuple[float, float, dict]:
     """(process wall seconds, process CPU seconds, the exports row) of one `mipo-local export`."""
-    cmd = [sys.executable, "-m", "mipo_local.cli.main", "-w", str(ws_dir), "export", "--run", run, "--force", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mipo_local.cli.main",
+        "-w",
+        str(ws_dir),
+        "export",
+        "--run",
+        run,
+        "--force",
+        *args,
+    ]
     start, before = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     wall, after = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -77,12 +90,18 @@ def run_export(ws_dir: Path, run: str, *args: str) -> tuple[float, float, dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--pairs", type=int, default=16, help="held-out pairs (answers of ~100-150 tokens)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quant", default="q8_0")
-    parser.add_argument("--lora-std", type=float, default=0.04,
-                        help="std of the random LoRA factors (0.04 gives held-out margins of about 0.3-3 nats)")
+    parser.add_argument(
+        "--lora-std",
+        type=float,
+        default=0.04,
+        help="std of the random LoRA factors (0.04 gives held-out margins of about 0.3-3 nats)",
+    )
     parser.add_argument("--workspace", help="an existing workspace with a trained run (with --run)")
     parser.add_argument("--run", help="the trained run to export")
     args = parser.parse_args()
@@ -94,7 +113,9 @@ def main() -> None:
         ws_dir = tmp / "ws"
         t0 = time.perf_counter()
         run = build_workspace(ws_dir, args.pairs, args.lora_std)
-        print(f"built a random rank-8 run with {args.pairs} held-out pairs in {time.perf_counter() - t0:.1f} s")
+        print(
+            f"built a random rank-8 run with {args.pairs} held-out pairs in {time.perf_counter() - t0:.1f} s"
+        )
 
     threads = ["--threads", str(args.threads)]
     out = tmp / "out"
@@ -112,13 +133,19 @@ def main() -> None:
     for name, wall, cpu, info in rows:
         t = info["timings"]
         fid = info.get("fidelity")
-        fid_text = f"{100 * fid['sign_agreement']:.1f}% sign, r={fid['pearson']:.4f} ({fid['pairs']} pairs)" if fid else "-"
+        fid_text = (
+            f"{100 * fid['sign_agreement']:.1f}% sign, r={fid['pearson']:.4f} ({fid['pairs']} pairs)"
+            if fid
+            else "-"
+        )
         gguf_mb = [v for k, v in info["files"].items() if k.endswith(".gguf")][0] / 1e6
         print(
             f"{name:18} {wall:6.1f} {cpu:6.1f} {t.get('merge_f16_s', 0):9.1f} {t.get('quantize_s', 0):8.1f} "
             f"{t.get('adapter_s', 0):7.2f} {t.get('verify_s', 0):6.1f} {gguf_mb:7.1f}  {fid_text}"
         )
-    print("\ngoals: merged Q8_0 <= 20 s, adapter <= 2 s (wall: whole process; stage columns: in-process wall s)")
+    print(
+        "\ngoals: merged Q8_0 <= 20 s, adapter <= 2 s (wall: whole process; stage columns: in-process wall s)"
+    )
 
 
 if __name__ == "__main__":

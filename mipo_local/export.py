@@ -3,9 +3,10 @@
 merged:  merge LoRA into the base -> F16 GGUF -> llama.cpp quantizer -> Modelfile -> fidelity check
 adapter: GGUF LoRA adapter -> Modelfile (FROM base, ADAPTER) -> fidelity check (base + adapter)
 
-Everything is written into a private temporary folder beside the output folder, which replaces the output
-in one rename at the end: an interrupted export leaves nothing behind, a finished one is complete. The
-intermediate F16 file of a quantized export is deleted before the rename.
+Everything is checked first (run, quant, output folder, chat template, free disk), then written into a
+private temporary folder beside the output folder, which replaces the output in one rename at the end:
+an interrupted export leaves nothing behind, a finished one is complete. The intermediate F16 file of a
+quantized export is deleted before the rename. Each export is recorded in the `exports` table.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import gguf
 from . import fidelity as fidelity_mod
 from . import gguf_io, merge, ollama, quantize
 from .adapter_gguf import adapter_bytes, write_adapter_gguf
-from .adapter_io import ADAPTER_FILE, load_adapter
+from .adapter_io import ADAPTER_FILE, AdapterFile, load_adapter
 from .errors import ExportError, ModelError, UserInputError
 from .fsutil import atomic_dir, require_free_space, sha256_file
 from .progress import EtaClock, Log, Progress
@@ -31,6 +32,7 @@ from .train import runs
 from .workspace import Workspace
 
 STAGE = "export"
+Events = Generator[Progress | Log, None, Path]
 
 
 @dataclass
@@ -50,26 +52,74 @@ class ExportResult:
     warnings: list[str] = field(default_factory=list)
 
 
+@dataclass
+class _Plan:
+    """Everything checked before writing a byte."""
+
+    run: runs.Run
+    base: Path
+    reader: gguf.GGUFReader  # one reader for the whole job: gguf-py takes a while to parse a big vocabulary
+    adapter: AdapterFile
+    quant: str | None  # None for an adapter export
+    out: Path
+    stem: str  # file name stem: <model>-<run>
+    template: str | None  # the Ollama TEMPLATE, None when the chat template cannot be translated
+    turns: ollama.TurnFormat | None
+    warnings: list[str]
+
+    @property
+    def label(self) -> str:
+        return self.quant or "adapter"
+
+
 def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.") or "model"
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.").lower() or "model"
 
 
 def default_out_dir(ws: Workspace, run_name: str, label: str) -> Path:
     return ws.root / "exports" / f"{run_name}-{label}"
 
 
-def _check_out_dir(out: Path, force: bool) -> None:
+def _plan(ws, run_name, settings: ExportSettings, out_dir, ollama_name, force) -> _Plan:
+    run = runs.require_run(ws, run_name, finished=True)
+    base = Path(run.base_model["path"])
+    if not base.is_file():
+        raise ModelError(
+            f"The base model of run '{run.name}', {base}, is missing; run `mipo-local init` again."
+        )
+    reader = gguf_io.open_reader(base)
+    n_params = sum(int(t.n_elements) for t in reader.tensors)
+    quant = None if settings.adapter_only else quantize.resolve_quant(settings.quant, n_params)
+    adapter = load_adapter(runs.final_dir(ws, run.name) / ADAPTER_FILE)
+    out = (
+        Path(out_dir).expanduser().resolve() if out_dir else default_out_dir(ws, run.name, quant or "adapter")
+    )
     if out.exists() and not out.is_dir():
         raise UserInputError(f"The output path {out} is a file; give a folder path with --out.")
     if out.exists() and not force:
         raise UserInputError(f"The output folder {out} already exists.", hint="Pass --force to replace it.")
 
+    # The Ollama template comes before any heavy work, so an untranslatable template stops --ollama early.
+    warnings: list[str] = []
+    template, turns = None, None
+    try:
+        chat_template, add_bos = ollama.template_from_reader(reader, base)
+        template, turns = ollama.translate(chat_template, add_bos=add_bos)
+    except ExportError as err:
+        if ollama_name:
+            raise
+        warnings.append(f"No Modelfile written: {err}")
 
-def _system_text(ws: Workspace, settings: ExportSettings) -> str | None:
-    if not settings.system_from_contexts:
-        return None
-    texts = [c.text for c in ws.contexts()]
-    return "\n\n".join(texts) if texts else None
+    if quant is None:
+        needed = adapter_bytes(adapter) + (4 << 20)
+    else:  # the F16 intermediate and the quantized file exist together for a moment
+        needed = merge.merged_f16_bytes(reader) + (16 << 20)
+        needed += quantize.estimated_bytes(quant, n_params) if quant != "f16" else 0
+    require_free_space(out.parent, needed, f"exporting run '{run.name}'")
+
+    name = run.base_model.get("name") or gguf_io.field_value(reader, gguf.Keys.General.NAME) or base.stem
+    stem = f"{_slug(name)}-{_slug(run.name)}"
+    return _Plan(run, base, reader, adapter, quant, out, stem, template, turns, warnings)
 
 
 def export(
@@ -90,137 +140,121 @@ def export(
     Raises:
         UserInputError: unknown run or quant, output folder exists.
         WorkspaceError: no finished run, not enough disk space.
-        ExportError: the adapter does not fit the base, quantizing failed, untranslatable chat template.
+        ExportError: the adapter does not fit the base, quantizing failed, untranslatable template (--ollama).
     """
     started = time.monotonic()
-    run = runs.require_run(ws, run_name, finished=True)
-    base_path = Path(run.base_model["path"])
-    if not base_path.is_file():
-        raise ModelError(f"The base model of run '{run.name}', {base_path}, is missing; run `mipo-local init` again.")
-    # One reader for the whole job: gguf-py takes a second or more to open a file with a large vocabulary.
-    reader = gguf_io.open_reader(base_path)
-    n_params = sum(int(t.n_elements) for t in reader.tensors)
-    quant = None if settings.adapter_only else quantize.resolve_quant(settings.quant, n_params)
-    adapter = load_adapter(runs.final_dir(ws, run.name) / ADAPTER_FILE)
-    out = Path(out_dir).expanduser().resolve() if out_dir else default_out_dir(ws, run.name, quant or "adapter")
-    _check_out_dir(out, force)
-
-    # The Ollama template is derived before any heavy work, so an untranslatable template fails fast.
-    warnings: list[str] = []
-    try:
-        template, add_bos = ollama.template_from_reader(reader, base_path)
-        go_template, turns = ollama.translate(template, add_bos=add_bos)
-    except ExportError as err:
-        if ollama_name:
-            raise
-        go_template, turns = None, None
-        warnings.append(f"No Modelfile written: {err}")
-
-    if settings.adapter_only:
-        needed = adapter_bytes(adapter) + (4 << 20)
-    else:
-        needed = merge.merged_f16_bytes(reader) + (16 << 20)
-        if quant != "f16":
-            needed += quantize.estimated_bytes(quant, n_params)
-    require_free_space(out.parent, needed, f"exporting run '{run.name}'")
-
-    label = "adapter" if settings.adapter_only else quant
-    with ws.job("export", f"mipo-local export {run.name} ({label})"):
-        yield Log(STAGE, f"Exporting run '{run.name}' ({label}) to {out}...")
-        sha = sha256_file(base_path)
-        if adapter.base_sha256 and adapter.base_sha256 != sha:
+    plan = _plan(ws, run_name, settings, out_dir, ollama_name, force)
+    run, warnings, timings = plan.run, plan.warnings, {}
+    with ws.job("export", f"mipo-local export {run.name} ({plan.label})"):
+        yield Log(STAGE, f"Exporting run '{run.name}' ({plan.label}) to {plan.out}...")
+        sha = sha256_file(plan.base)
+        if plan.adapter.base_sha256 and plan.adapter.base_sha256 != sha:
             raise ExportError(
-                f"The base model {base_path} changed since run '{run.name}' was trained "
-                f"(sha256 {sha[:12]}, trained on {adapter.base_sha256[:12]}); export needs the same file."
+                f"The base model {plan.base} changed since run '{run.name}' was trained "
+                f"(sha256 {sha[:12]}, trained on {plan.adapter.base_sha256[:12]}); export needs the same file."
             )
         meta = merge.provenance(base_sha256=sha, run_name=run.name, run_settings=run.settings)
-        model_name = run.base_model.get("name") or gguf_io.field_value(reader, gguf.Keys.General.NAME) or base_path.stem
-        stem = f"{_slug(model_name)}-{_slug(run.name)}"
-        timings: dict[str, float] = {}
-        with atomic_dir(out) as tmp:
-            if settings.adapter_only:
-                t0 = time.monotonic()
-                main = write_adapter_gguf(
-                    base_path, tmp / f"{stem}-lora.gguf", adapter, metadata=meta, reader=reader
-                )
-                timings["adapter_s"] = time.monotonic() - t0
-                yield Progress(STAGE, 1, 1, "adapter written", unit="steps")
-                from_, adapter_ref, verify_model, verify_lora = str(base_path), f"./{main.name}", base_path, main
+        with atomic_dir(plan.out) as tmp:
+            if plan.quant is None:
+                main = yield from _write_adapter(tmp, plan, meta, timings)
             else:
-                main = yield from _merged(tmp, stem, base_path, reader, adapter, meta, quant, settings, timings)
-                from_, adapter_ref, verify_model, verify_lora = f"./{main.name}", None, main, None
-
-            modelfile = None
-            if go_template is not None:
-                text = ollama.modelfile_text(
-                    from_=from_, adapter=adapter_ref, template=go_template, stops=turns.stops,
-                    system=_system_text(ws, settings),
-                )  # fmt: skip
-                modelfile = ollama.write_modelfile(tmp, text)
-
-            fid = None
-            if settings.verify:
-                yield Log(STAGE, "Checking fidelity on the held-out pairs in llama.cpp...")
-                t0 = time.monotonic()
-                fid = fidelity_mod.check(
-                    ws, run, verify_model, base_path=base_path, lora_path=verify_lora,
-                    threshold=settings.min_sign_agreement, threads=settings.threads,
-                    max_pairs=settings.verify_pairs,
-                )  # fmt: skip
-                timings["verify_s"] = time.monotonic() - t0
-                if fid is None:
-                    warnings.append(f"Run '{run.name}' has no held-out pairs; the fidelity check was skipped.")
-                else:
-                    yield Log(STAGE, fid.summary())
-                    if not fid.ok:
-                        warnings.append(_shortfall(fid, label))
+                main = yield from _write_merged(tmp, plan, meta, settings, timings)
+            modelfile = _write_modelfile(ws, tmp, plan, main, settings)
+            fid = yield from _verify(ws, plan, main, settings, timings)
             files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
         timings["total_s"] = time.monotonic() - started
 
         for w in warnings:
             yield Log(STAGE, w, "warning")
-        modelfile_path = out / ollama.MODELFILE if modelfile else None
+        modelfile = plan.out / modelfile.name if modelfile else None
         ollama_msg = None
         if ollama_name:
-            created, ollama_msg = ollama.create(ollama_name, modelfile_path)
+            created, ollama_msg = ollama.create(ollama_name, modelfile)
             yield Log(STAGE, ollama_msg, "info" if created else "warning")
         result = ExportResult(
-            id=0, run=run.name, kind="adapter" if settings.adapter_only else "merged", quant=quant,
-            directory=out, path=out / main.name, size=sum(files.values()), files=files,
-            modelfile=modelfile_path, fidelity=fid.as_dict() if fid else None, timings=timings,
+            id=0, run=run.name, kind="merged" if plan.quant else "adapter", quant=plan.quant,
+            directory=plan.out, path=plan.out / main.name, size=sum(files.values()), files=files,
+            modelfile=modelfile, fidelity=fid.as_dict() if fid else None, timings=timings,
             ollama=ollama_msg, warnings=warnings,
         )  # fmt: skip
-        result.id = _record(ws, run, result, turns.family if turns else None)
+        result.id = _record(ws, run, result, plan.turns.family if plan.turns else None)
         return result
 
 
-def _merged(tmp, stem, base_path, reader, adapter, meta, quant, settings, timings):
-    """Merge into F16, then quantize (unless f16); yields progress, returns the final file."""
-    f16_path = tmp / (f"{stem}-F16.gguf" if quant == "f16" else f".{stem}-F16.tmp.gguf")
+def _write_adapter(tmp: Path, plan: _Plan, meta: dict, timings: dict) -> Events:
     t0 = time.monotonic()
-    clock = None
-    for done, total in merge.merge_steps(base_path, f16_path, adapter.tensors, metadata=meta, reader=reader):
-        clock = clock or EtaClock(total + 1)
+    path = write_adapter_gguf(
+        plan.base, tmp / f"{plan.stem}-lora.gguf", plan.adapter, metadata=meta, reader=plan.reader
+    )
+    timings["adapter_s"] = time.monotonic() - t0
+    yield Progress(STAGE, 1, 1, "adapter written", unit="steps")
+    return path
+
+
+def _write_merged(tmp: Path, plan: _Plan, meta: dict, settings: ExportSettings, timings: dict) -> Events:
+    """Merge into F16, then quantize (unless f16); yields progress, returns the final file."""
+    quant = plan.quant
+    f16 = tmp / (f"{plan.stem}-F16.gguf" if quant == "f16" else f".{plan.stem}-F16.tmp.gguf")
+    t0 = time.monotonic()
+    n = len(plan.reader.tensors)
+    clock = EtaClock(n + (quant != "f16"))
+    steps = merge.merge_steps(plan.base, f16, plan.adapter.tensors, metadata=meta, reader=plan.reader)
+    for done, total in steps:
         if done == total or done % 8 == 0:
             yield clock.event(STAGE, done, "merging LoRA into F16", unit="tensors")
     timings["merge_f16_s"] = time.monotonic() - t0
     if quant == "f16":
-        return f16_path
+        return f16
     yield Log(STAGE, f"Quantizing to {quant.upper()} with llama.cpp...")
     t0 = time.monotonic()
-    target = quantize.quantize(f16_path, tmp / f"{stem}-{quant.upper()}.gguf", quant, threads=settings.threads)
-    f16_path.unlink()  # the intermediate F16 is not part of the export
+    target = quantize.quantize(
+        f16, tmp / f"{plan.stem}-{quant.upper()}.gguf", quant, threads=settings.threads
+    )
+    f16.unlink()  # the intermediate F16 is not part of the export
     timings["quantize_s"] = time.monotonic() - t0
     yield clock.event(STAGE, clock.total, f"quantized to {quant.upper()}", unit="tensors")
     return target
 
 
-def _shortfall(fid: fidelity_mod.Fidelity, label: str) -> str:
-    advice = " Prefer --quant q8_0 or --adapter-only." if label not in ("q8_0", "f16", "adapter") else ""
-    return (
-        f"This export falls short: only {100 * fid.sign_agreement:.1f}% of held-out pairs keep the trained "
-        f"model's preference (expected at least {100 * fid.threshold:.0f}%).{advice}"
+def _write_modelfile(
+    ws: Workspace, tmp: Path, plan: _Plan, main: Path, settings: ExportSettings
+) -> Path | None:
+    if plan.template is None:
+        return None
+    contexts = [c.text for c in ws.contexts()] if settings.system_from_contexts else []
+    text = ollama.modelfile_text(
+        from_=str(plan.base) if plan.quant is None else f"./{main.name}",
+        adapter=f"./{main.name}" if plan.quant is None else None,
+        template=plan.template,
+        stops=plan.turns.stops,
+        system="\n\n".join(contexts) or None,  # the model was trained with the contexts as system turn
     )
+    return ollama.write_modelfile(tmp, text)
+
+
+def _verify(ws: Workspace, plan: _Plan, main: Path, settings: ExportSettings, timings: dict):
+    if not settings.verify:
+        return None
+    yield Log(STAGE, "Checking fidelity on the held-out pairs in llama.cpp...")
+    t0 = time.monotonic()
+    adapter_only = plan.quant is None
+    fid = fidelity_mod.check(
+        ws, plan.run, plan.base if adapter_only else main, base_path=plan.base,
+        lora_path=main if adapter_only else None, threshold=settings.min_sign_agreement,
+        threads=settings.threads, max_pairs=settings.verify_pairs,
+    )  # fmt: skip
+    timings["verify_s"] = time.monotonic() - t0
+    if fid is None:
+        plan.warnings.append(f"Run '{plan.run.name}' has no held-out pairs; the fidelity check was skipped.")
+        return None
+    yield Log(STAGE, fid.summary())
+    if not fid.ok:
+        advice = "" if plan.label in ("q8_0", "f16", "adapter") else " Prefer --quant q8_0 or --adapter-only."
+        plan.warnings.append(
+            f"This export falls short: only {100 * fid.sign_agreement:.1f}% of held-out pairs keep the trained "
+            f"model's preference (expected at least {100 * fid.threshold:.0f}%).{advice}"
+        )
+    return fid
 
 
 def _record(ws: Workspace, run: runs.Run, r: ExportResult, family: str | None) -> int:
@@ -236,7 +270,7 @@ def _record(ws: Workspace, run: runs.Run, r: ExportResult, family: str | None) -
         "warnings": r.warnings,
     }
     with ws.transaction() as conn:
-        # A forced re-export replaced the files an older row pointed at: that row is gone with them.
+        # A forced re-export replaced the files an older row pointed at: that row goes with them.
         prefix = str(r.directory) + "/"
         conn.execute("DELETE FROM exports WHERE substr(path, 1, ?) = ?", (len(prefix), prefix))
         cur = conn.execute(
@@ -248,6 +282,8 @@ def _record(ws: Workspace, run: runs.Run, r: ExportResult, family: str | None) -
 
 @dataclass
 class ExportRow:
+    """One row of the `exports` table, with its run's name."""
+
     id: int
     run: str | None
     kind: str
@@ -265,7 +301,5 @@ def list_exports(ws: Workspace) -> list[ExportRow]:
     rows = ws.query(
         "SELECT e.*, r.name AS run_name FROM exports e LEFT JOIN runs r ON r.id = e.run_id ORDER BY e.id"
     )
-    return [
-        ExportRow(r["id"], r["run_name"], r["kind"], r["quant"], r["path"], r["size"], json.loads(r["info"]), r["created_at"])
-        for r in rows
-    ]
+    keys = ("id", "run_name", "kind", "quant", "path", "size")
+    return [ExportRow(*(r[k] for k in keys), json.loads(r["info"]), r["created_at"]) for r in rows]

@@ -62,10 +62,14 @@ def read_heldout(ws: Workspace, run_name: str) -> list[dict]:
         keys = ("pair_id", "policy_chosen", "policy_rejected", "ref_chosen", "ref_rejected")
         return [{k: row[k] for k in keys} for row in rows]
     except (ValueError, KeyError, TypeError) as err:
-        raise ExportError(f"{path} is damaged ({err}); train the run again or export with --no-verify.") from err
+        raise ExportError(
+            f"{path} is damaged ({err}); train the run again or export with --no-verify."
+        ) from err
 
 
-def compare(heldout: list[dict], scored: list[tuple[float, float]], threshold: float, skipped: int = 0) -> Fidelity:
+def compare(
+    heldout: list[dict], scored: list[tuple[float, float]], threshold: float, skipped: int = 0
+) -> Fidelity:
     """Fidelity of exported log-probs `scored` [(chosen, rejected)] against the trained policy's."""
     pc = np.array([h["policy_chosen"] for h in heldout], dtype=np.float64)
     pr = np.array([h["policy_rejected"] for h in heldout], dtype=np.float64)

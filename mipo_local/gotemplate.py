@@ -66,7 +66,7 @@ def _action_end(source: str, j: int) -> int:
                 continue
             if ch == quote:
                 quote = None
-        elif ch in "\"`":
+        elif ch in '"`':
             quote = ch
         elif source.startswith("}}", k):
             return k
@@ -257,7 +257,9 @@ class _Eval:
     def pipe(self, pipe: _Pipe, dot: Any) -> Any:
         value, rest = self._command(pipe.tokens, 0, dot)
         if rest != len(pipe.tokens):
-            raise GoTemplateError("unsupported expression (pipelines with '|' and method calls are not implemented)")
+            raise GoTemplateError(
+                "unsupported expression (pipelines with '|' and method calls are not implemented)"
+            )
         return value
 
     def _command(self, toks: list, i: int, dot: Any) -> tuple[Any, int]:

@@ -25,7 +25,9 @@ from .train.backend import LoraTensor
 PROVENANCE_PREFIX = "mipo_local."
 
 
-def provenance(*, base_sha256: str, run_name: str, run_settings: dict) -> dict[str, tuple[Any, gguf.GGUFValueType]]:
+def provenance(
+    *, base_sha256: str, run_name: str, run_settings: dict
+) -> dict[str, tuple[Any, gguf.GGUFValueType]]:
     """Metadata keys that say where an exported file came from."""
     S = gguf.GGUFValueType.STRING
     return {
@@ -45,10 +47,18 @@ def check_lora(tensors: dict[str, LoraTensor], reader: gguf.GGUFReader, source: 
     shapes = {t.name: tuple(int(x) for x in reversed(t.shape.tolist())) for t in reader.tensors}
     for name, lora in tensors.items():
         if name not in shapes:
-            raise ExportError(f"The adapter has LoRA weights for '{name}', a tensor the base model {source} lacks.")
+            raise ExportError(
+                f"The adapter has LoRA weights for '{name}', a tensor the base model {source} lacks."
+            )
         out_dim, in_dim = shapes[name]
         a, b = lora.a, lora.b
-        if a.ndim != 2 or b.ndim != 2 or a.shape[1] != in_dim or b.shape[0] != out_dim or a.shape[0] != b.shape[1]:
+        if (
+            a.ndim != 2
+            or b.ndim != 2
+            or a.shape[1] != in_dim
+            or b.shape[0] != out_dim
+            or a.shape[0] != b.shape[1]
+        ):
             raise ExportError(
                 f"The adapter's LoRA weights for '{name}' have shapes a{tuple(a.shape)} b{tuple(b.shape)}, "
                 f"which do not fit the base tensor ({out_dim} x {in_dim})."
@@ -109,7 +119,9 @@ def merge_steps(
                 array = gguf_io.tensor_to_float32(t)
                 lora = tensors.get(t.name)
                 if lora is not None:
-                    array = array + (np.float32(lora.scale) * lora.b.astype(np.float32)) @ lora.a.astype(np.float32)
+                    array = array + (np.float32(lora.scale) * lora.b.astype(np.float32)) @ lora.a.astype(
+                        np.float32
+                    )
                 writer.write_tensor_data(np.ascontiguousarray(array.astype(_storage_type(t)[0], copy=False)))
                 yield i + 1, total
         finally:

@@ -106,7 +106,10 @@ def read_turn_format(template: ChatTemplate, *, add_bos: bool) -> TurnFormat:
     _need(tail == user_suffix + generation, "a system message changes the user turn after it")
     if middle.endswith(user_prefix):
         mode, system_suffix = "turn", middle[: len(middle) - len(user_prefix)]
-    elif system_prefix.endswith(user_prefix) and system_prefix[: len(system_prefix) - len(user_prefix)] == no_system:
+    elif (
+        system_prefix.endswith(user_prefix)
+        and system_prefix[: len(system_prefix) - len(user_prefix)] == no_system
+    ):
         mode, system_suffix = "first_user", middle
         system_prefix = no_system
     else:
@@ -131,7 +134,11 @@ def read_turn_format(template: ChatTemplate, *, add_bos: bool) -> TurnFormat:
 
 
 def _family(user_prefix: str) -> str:
-    for marker, name in (("<|im_start|>", "chatml"), ("<|start_header_id|>", "llama3"), ("<start_of_turn>", "gemma")):
+    for marker, name in (
+        ("<|im_start|>", "chatml"),
+        ("<|start_header_id|>", "llama3"),
+        ("<start_of_turn>", "gemma"),
+    ):
         if marker in user_prefix:
             return name
     return "generic"
@@ -224,7 +231,10 @@ def translate(template: ChatTemplate, *, add_bos: bool) -> tuple[str, TurnFormat
         want = jinja_prompt(template, messages, add_bos=add_bos)
         got = gotemplate.render(source, ollama_values(messages))
         if got != want:
-            at = next((i for i, (a, b) in enumerate(zip(got, want, strict=False)) if a != b), min(len(got), len(want)))
+            at = next(
+                (i for i, (a, b) in enumerate(zip(got, want, strict=False)) if a != b),
+                min(len(got), len(want)),
+            )
             raise ExportError(
                 f"The model's chat template ({fmt.family}) cannot be translated for Ollama: the translation "
                 f"differs from it at character {at} of a {len(messages)}-message conversation."
@@ -254,7 +264,9 @@ def template_from_reader(reader: gguf.GGUFReader, source: Path) -> tuple[ChatTem
 
 def _quoted(text: str, what: str) -> str:
     if '"""' in text:
-        raise ExportError(f'The {what} contains """, which a Modelfile cannot hold; remove it and export again.')
+        raise ExportError(
+            f'The {what} contains """, which a Modelfile cannot hold; remove it and export again.'
+        )
     return f'"""{text}"""'
 
 

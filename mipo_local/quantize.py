@@ -39,7 +39,9 @@ def resolve_quant(quant: str | None, n_params: int) -> str:
     """
     name = (quant or "auto").strip().lower()
     if name not in QUANT_TYPES:
-        raise UserInputError(f"'{quant}' is not a supported quant type; choose one of: {', '.join(QUANT_TYPES)}.")
+        raise UserInputError(
+            f"'{quant}' is not a supported quant type; choose one of: {', '.join(QUANT_TYPES)}."
+        )
     if name == "auto":
         return AUTO_SMALL if n_params < AUTO_THRESHOLD_PARAMS else AUTO_LARGE
     return name
@@ -50,7 +52,9 @@ def estimated_bytes(quant: str, n_params: int) -> int:
     return int(n_params * BITS_PER_WEIGHT[quant] / 8 * 1.05) + (16 << 20)
 
 
-def quantize(source: str | os.PathLike, target: str | os.PathLike, quant: str, *, threads: int | None = None) -> Path:
+def quantize(
+    source: str | os.PathLike, target: str | os.PathLike, quant: str, *, threads: int | None = None
+) -> Path:
     """Quantize the F16 GGUF `source` into `target` (written by llama.cpp; made owner-only).
 
     The caller writes `target` inside a temporary export directory, which provides atomicity.

@@ -70,7 +70,9 @@ def test_base_plus_adapter_matches_merged_f16_in_llama_cpp(base_fixture, request
     reader = gguf_io.open_reader(base)
     adapter = _adapter(base, reader)
     adapter_path = write_adapter_gguf(base, tmp_path / "adapter.gguf", adapter, reader=reader)
-    merged_path = merge.merge_to_f16(base, tmp_path / "merged.gguf", adapter.tensors, metadata={}, reader=reader)
+    merged_path = merge.merge_to_f16(
+        base, tmp_path / "merged.gguf", adapter.tensors, metadata={}, reader=reader
+    )
     tokens = chat_format(str(base)).prompt_ids("I am Ana, a vegan chef.", "What should I cook tonight?")
 
     with_adapter = _next_token_logprobs(base, tokens, adapter_path)

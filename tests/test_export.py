@@ -96,7 +96,7 @@ def test_quantized_export_end_to_end(export_ws, tmp_path):
     out = tmp_path / "q8"
     events, result = drain(export(ws, None, ExportSettings(quant="q8_0", threads=2), out))
 
-    gguf_name = f"tiny-llama-2x64-run-1-Q8_0.gguf"
+    gguf_name = "tiny-llama-2x64-run-1-Q8_0.gguf"
     assert result.run == "run-1" and result.kind == "merged" and result.quant == "q8_0"
     assert sorted(p.name for p in out.iterdir()) == sorted([gguf_name, "Modelfile"])  # no F16 left over
     assert _leftovers(tmp_path) == []
@@ -111,7 +111,7 @@ def test_quantized_export_end_to_end(export_ws, tmp_path):
     assert {t.tensor_type.name for t in r.tensors if len(t.shape) == 2} == {"Q8_0"}
     # The Modelfile: the file, the translated template, the stop token, the user's context as SYSTEM.
     modelfile = (out / "Modelfile").read_text()
-    assert modelfile.startswith(f"FROM ./{gguf_name}\nTEMPLATE \"\"\"")
+    assert modelfile.startswith(f'FROM ./{gguf_name}\nTEMPLATE """')
     assert 'PARAMETER stop "<|im_end|>"' in modelfile and f'SYSTEM """{CONTEXT}"""' in modelfile
     # The fidelity check ran on the held-out pairs, and everything is recorded.
     fid = result.fidelity
@@ -119,7 +119,13 @@ def test_quantized_export_end_to_end(export_ws, tmp_path):
     assert any("Fidelity on 6 held-out pairs" in getattr(e, "message", "") for e in events)
     assert _n_exports(ws) == before + 1
     row = list_exports(ws)[-1]
-    assert (row.id, row.run, row.kind, row.quant, row.path) == (result.id, "run-1", "merged", "q8_0", str(out / gguf_name))
+    assert (row.id, row.run, row.kind, row.quant, row.path) == (
+        result.id,
+        "run-1",
+        "merged",
+        "q8_0",
+        str(out / gguf_name),
+    )
     assert row.size == sum(p.stat().st_size for p in out.iterdir())
     assert row.info["fidelity"] == fid and row.info["modelfile"] == str(out / "Modelfile")
     assert {"merge_f16_s", "quantize_s", "verify_s", "total_s"} <= set(row.info["timings"])
@@ -194,13 +200,15 @@ def test_f16_export_without_system_or_verify(export_ws, tmp_path):
 def test_cli_export_and_exports_list(export_ws, tmp_path):
     ws, _ = export_ws
     out = tmp_path / "cli-q4"
-    res = run_cli("-w", str(ws.root), "export", "--quant", "q4_0", "--no-verify", "--out", str(out), "--threads", "2")
+    res = run_cli(
+        "-w", str(ws.root), "export", "--quant", "q4_0", "--no-verify", "--out", str(out), "--threads", "2"
+    )
     assert res.exit_code == 0, res.output
     assert "Exported run 'run-1' as a Q4_0 model" in res.stdout and "Modelfile:" in res.stdout
     listed = run_cli("-w", str(ws.root), "exports", "list")
     assert listed.exit_code == 0, listed.output
-    line = next(ln for ln in listed.stdout.splitlines() if "Q4_0" in ln)
-    assert "run-1" in line and "merged" in line and " MB" in line and str(out) in line
+    line = next(ln for ln in listed.stdout.splitlines() if str(out) in ln)
+    assert "run-1" in line and "merged" in line and "Q4_0" in line and " MB" in line
     for e in list_exports(ws):  # every export is listed with its fidelity (or '-')
         assert str(e.id) in listed.stdout
 
@@ -215,7 +223,9 @@ def test_ollama_create_runs_the_ollama_cli(export_ws, tmp_path, monkeypatch):
     script.chmod(0o700)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     out = tmp_path / "with-ollama"
-    res = run_cli("-w", str(ws.root), "export", "--adapter-only", "--no-verify", "--out", str(out), "--ollama", "ana")
+    res = run_cli(
+        "-w", str(ws.root), "export", "--adapter-only", "--no-verify", "--out", str(out), "--ollama", "ana"
+    )
     assert res.exit_code == 0, res.output
     assert calls.read_text().splitlines() == [f"create ana -f {out / 'Modelfile'}", str(out)]
     assert "Created the Ollama model 'ana'" in res.output
@@ -223,9 +233,14 @@ def test_ollama_create_runs_the_ollama_cli(export_ws, tmp_path, monkeypatch):
 
 def test_ollama_missing_prints_the_exact_command(export_ws, tmp_path, monkeypatch):
     ws, _ = export_ws
-    monkeypatch.setenv("PATH", os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if not (Path(p) / "ollama").exists()))
+    monkeypatch.setenv(
+        "PATH",
+        os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if not (Path(p) / "ollama").exists()),
+    )
     out = tmp_path / "no-ollama"
-    res = run_cli("-w", str(ws.root), "export", "--adapter-only", "--no-verify", "--out", str(out), "--ollama", "ana")
+    res = run_cli(
+        "-w", str(ws.root), "export", "--adapter-only", "--no-verify", "--out", str(out), "--ollama", "ana"
+    )
     assert res.exit_code == 0, res.output
     assert f"ollama create ana -f {out / 'Modelfile'}" in res.output
 
@@ -298,7 +313,9 @@ def test_not_enough_disk_space(export_ws, tmp_path, monkeypatch):
         return real(path)._replace(free=3_000_000)
 
     monkeypatch.setattr(fsutil.shutil, "disk_usage", nearly_full)
-    out = _check_refused(ws, tmp_path, ["--out", str(tmp_path / "q")], 1, "Not enough free disk space", "MB needed")
+    out = _check_refused(
+        ws, tmp_path, ["--out", str(tmp_path / "q")], 1, "Not enough free disk space", "MB needed"
+    )
     assert "3 MB free" in out
 
 

@@ -142,19 +142,27 @@ def test_default_model_template_gives_the_same_tokens(tiny_gguf):
     "source, why",
     [
         # The turn number is written into each turn: no fixed per-role text, so no Go template.
-        ("{% for m in messages %}[{{ loop.index }}:{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
-         "{% if add_generation_prompt %}[assistant] {% endif %}", "written differently"),
+        (
+            "{% for m in messages %}[{{ loop.index }}:{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+            "{% if add_generation_prompt %}[assistant] {% endif %}",
+            "written differently",
+        ),
         # No generation prompt at all.
         ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}", "no generation prompt"),
         # A template that refuses a system turn.
-        ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system role') }}{% endif %}"
-         "<{{ m['role'] }}>{{ m['content'] }}</s>{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}",
-         "no system role"),
+        (
+            "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system role') }}{% endif %}"
+            "<{{ m['role'] }}>{{ m['content'] }}</s>{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}",
+            "no system role",
+        ),
         # System text written after the first question: neither its own turn nor a prefix of the first user turn.
-        ("{% set sys = messages[0]['content'] if messages[0]['role'] == 'system' else '' %}"
-         "{% for m in messages if m['role'] != 'system' %}<{{ m['role'] }}>{{ m['content'] }}"
-         "{% if loop.first and sys %} ({{ sys }}){% endif %}</s>{% endfor %}"
-         "{% if add_generation_prompt %}<assistant>{% endif %}", "system"),
+        (
+            "{% set sys = messages[0]['content'] if messages[0]['role'] == 'system' else '' %}"
+            "{% for m in messages if m['role'] != 'system' %}<{{ m['role'] }}>{{ m['content'] }}"
+            "{% if loop.first and sys %} ({{ sys }}){% endif %}</s>{% endfor %}"
+            "{% if add_generation_prompt %}<assistant>{% endif %}",
+            "system",
+        ),
     ],  # fmt: skip
 )
 def test_untranslatable_templates_raise_a_clear_error(source, why):
@@ -172,8 +180,12 @@ def test_modelfile_text_and_quoting():
     assert 'PARAMETER stop "<|eot_id|>"' in lines
     assert text.endswith('SYSTEM """I am Ana."""\n')
     assert f'TEMPLATE """{source}"""' in text
-    with_adapter = ollama.modelfile_text(from_="/b.gguf", adapter="./a.gguf", template=source, stops=[], system=None)
-    assert with_adapter.splitlines()[:2] == ["FROM /b.gguf", "ADAPTER ./a.gguf"] and "SYSTEM" not in with_adapter
+    with_adapter = ollama.modelfile_text(
+        from_="/b.gguf", adapter="./a.gguf", template=source, stops=[], system=None
+    )
+    assert (
+        with_adapter.splitlines()[:2] == ["FROM /b.gguf", "ADAPTER ./a.gguf"] and "SYSTEM" not in with_adapter
+    )
     with pytest.raises(ExportError, match='contains """'):
         ollama.modelfile_text(from_="x", template=source, stops=[], system='He said """hi"""')
 
@@ -194,10 +206,17 @@ def test_create_without_ollama_gives_the_exact_command(tmp_path, monkeypatch):
         ("a  {{- .X -}}  b", {"X": "x"}, "axb"),
         ('{{ if eq .R "u" }}U{{ else if eq .R "a" }}A{{ else }}O{{ end }}', {"R": "a"}, "A"),
         ('{{ if ne .R "u" }}not u{{ end }}', {"R": "a"}, "not u"),
-        ("{{ range $i, $m := .M }}{{ $i }}={{ $m.C }};{{ end }}", {"M": [{"C": "x"}, {"C": "y"}]}, "0=x;1=y;"),
+        (
+            "{{ range $i, $m := .M }}{{ $i }}={{ $m.C }};{{ end }}",
+            {"M": [{"C": "x"}, {"C": "y"}]},
+            "0=x;1=y;",
+        ),
         ("{{ range .M }}{{ .C }}{{ else }}empty{{ end }}", {"M": []}, "empty"),
-        ('{{ $s := .S }}{{ range .M }}{{ if $s }}[{{ $s }}]{{ $s = "" }}{{ end }}{{ . }}{{ end }}',
-         {"S": "sys", "M": ["a", "b"]}, "[sys]ab"),
+        (
+            '{{ $s := .S }}{{ range .M }}{{ if $s }}[{{ $s }}]{{ $s = "" }}{{ end }}{{ . }}{{ end }}',
+            {"S": "sys", "M": ["a", "b"]},
+            "[sys]ab",
+        ),
         ("{{ range .M }}{{ $.S }}{{ . }}{{ end }}", {"S": "-", "M": ["a", "b"]}, "-a-b"),
         ('{{ "{{ literal }}" }}', {}, "{{ literal }}"),
         ("{{ if and .A (not .B) }}yes{{ end }}{{ if or .B .A }}!{{ end }}", {"A": "x", "B": ""}, "yes!"),
@@ -211,9 +230,9 @@ def test_gotemplate_renders_the_go_subset(source, data, want):
 
 
 @pytest.mark.parametrize(
-    "source", ["{{ if .A }}x", "{{ end }}", "{{ .A | printf }}", "{{ template \"x\" }}", "{{ .A", "{{ foo .A }}"]
+    "source",
+    ["{{ if .A }}x", "{{ end }}", "{{ .A | printf }}", '{{ template "x" }}', "{{ .A", "{{ foo .A }}"],
 )
 def test_gotemplate_refuses_what_it_does_not_implement(source):
     with pytest.raises(gotemplate.GoTemplateError):
         gotemplate.render(source, {"A": "a"})
-

@@ -67,8 +67,10 @@ def export(
         threads=threads,
     )
     result = drive(export_job(ws, run_name, settings, out_dir, ollama_name, force))
-    what = "adapter" if result.kind == "adapter" else f"{result.quant.upper()} model"
-    click.echo(f"Exported run '{result.run}' as a {what}: {result.path} ({_mb(result.files[result.path.name])}).")
+    what = "an adapter" if result.kind == "adapter" else f"a {result.quant.upper()} model"
+    click.echo(
+        f"Exported run '{result.run}' as {what}: {result.path} ({_mb(result.files[result.path.name])})."
+    )
     if result.modelfile:
         click.echo(f"Modelfile: {result.modelfile}")
     fid = result.fidelity
@@ -103,7 +105,9 @@ def list_cmd(ctx: click.Context) -> None:
         fid = e.info.get("fidelity")
         fid_text = f"{100 * fid['sign_agreement']:.1f}%" if fid else "-"
         quant = (e.quant or "-").upper()
-        click.echo(f"{e.id:>3}  {e.run or '-':14} {e.kind:8} {quant:6} {_mb(e.size):>9}  {fid_text:>8}  {e.path}")
+        click.echo(
+            f"{e.id:>3}  {e.run or '-':14} {e.kind:8} {quant:6} {_mb(e.size):>9}  {fid_text:>8}  {e.path}"
+        )
         if e.info.get("modelfile"):
             click.echo(f"{'':>3}  {'':14} {'':8} {'':6} {'':>9}  {'':>8}  {e.info['modelfile']}")
 

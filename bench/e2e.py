@@ -45,7 +45,11 @@ def main() -> None:
     mipo("context", "add", PROFILE, env=env)
     mipo("prompts", "add", *PROMPTS, env=env)
     start = time.monotonic()
-    subprocess.run([sys.executable, "-m", "mipo_local.cli.main", "run", "--prompts", str(args.prompts)], env=env, check=True)
+    subprocess.run(
+        [sys.executable, "-m", "mipo_local.cli.main", "run", "--prompts", str(args.prompts)],
+        env=env,
+        check=True,
+    )
     times["run (all stages)"] = time.monotonic() - start
     # Stage times as the pipeline measured them are in its last line; the total is what the user waits for.
     print("\n| step | seconds |\n|---|---|")

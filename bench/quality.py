@@ -69,18 +69,27 @@ PROFILES = [
 
 
 def mipo(env: dict, *args: str) -> str:
-    r = subprocess.run([sys.executable, "-m", "mipo_local.cli.main", *args], env=env, capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "mipo_local.cli.main", *args], env=env, capture_output=True, text=True
+    )
     if r.returncode != 0:
         raise SystemExit(f"mipo-local {' '.join(args)} failed: {r.stderr.strip()}")
     return r.stdout
 
 
-def answers(model_path: str, lora: str | None, context: str, prompts: list[str], temperature: float, base_gguf: str) -> list[str]:
+def answers(
+    model_path: str, lora: str | None, context: str, prompts: list[str], temperature: float, base_gguf: str
+) -> list[str]:
     from mipo_local.chat import chat_format
     from mipo_local.engine import Engine, GenRequest
 
     cf = chat_format(base_gguf)
-    reqs = [GenRequest(cf.prompt_ids(context, p), max_tokens=160, temperature=temperature, top_p=0.9, seed=i, id=i) for i, p in enumerate(prompts)]
+    reqs = [
+        GenRequest(
+            cf.prompt_ids(context, p), max_tokens=160, temperature=temperature, top_p=0.9, seed=i, id=i
+        )
+        for i, p in enumerate(prompts)
+    ]
     with Engine(model_path, n_seq=16, ctx_per_seq=512, lora_path=lora) as eng:
         out = {r.id: r.text.strip() for r in eng.generate(reqs)}
     return [out[i] for i in range(len(prompts))]
@@ -91,7 +100,11 @@ def main() -> None:
     ap.add_argument("--profiles", default=",".join(p.name for p in PROFILES))
     ap.add_argument("--train-prompts", type=int, default=24)
     ap.add_argument("--pairs-args", default="--per-prompt 2", help="extra flags for `mipo-local pairs`")
-    ap.add_argument("--train-args", default="--epochs 3 --lr 5e-5 --rank 16 --alpha 32", help="extra flags for `mipo-local train`")
+    ap.add_argument(
+        "--train-args",
+        default="--epochs 3 --lr 5e-5 --rank 16 --alpha 32",
+        help="extra flags for `mipo-local train`",
+    )
     ap.add_argument("--temperature", type=float, default=0.1)
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args()

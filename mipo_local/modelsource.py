@@ -159,11 +159,22 @@ def _split_hf(spec: str) -> tuple[str, str]:
     return "/".join(parts[:2]), "/".join(parts[2:])
 
 
+def hf_hub_cache() -> Path:
+    """The Hugging Face cache, read from the environment now (huggingface_hub reads it once, at import)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    home = (
+        os.environ.get("HF_HOME")
+        or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "huggingface"
+    )
+    return Path(home).expanduser() / "hub"
+
+
 def resolve_hf_cached(repo: str, filename: str) -> Path:
     """A GGUF already in the user's Hugging Face cache; never touches the network."""
     from huggingface_hub import try_to_load_from_cache
 
-    found = try_to_load_from_cache(repo, filename)
+    found = try_to_load_from_cache(repo, filename, cache_dir=hf_hub_cache())
     if not isinstance(found, str):
         raise ModelError(
             f"{repo}/{filename} is not in the Hugging Face cache.",
@@ -180,7 +191,7 @@ def pull(repo: str, filename: str) -> Path:
     if not filename.endswith(".gguf"):
         raise UserInputError(f"--file {filename} is not a .gguf file; mipo-local works on GGUF models only.")
     try:
-        return Path(hf_hub_download(repo_id=repo, filename=filename))
+        return Path(hf_hub_download(repo_id=repo, filename=filename, cache_dir=hf_hub_cache()))
     except LocalEntryNotFoundError as err:
         offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
         why = "HF_HUB_OFFLINE is set" if offline else "the Hugging Face Hub cannot be reached"

@@ -55,22 +55,12 @@ def test_split_order_and_packing_are_pure_functions():
     assert epoch_order(10, 0, 1) == epoch_order(10, 0, 1) != epoch_order(10, 0, 2)
 
     p = pack_pairs([EncodedPair([1, 2], [3, 4], [5]), EncodedPair([6], [7], [8, 9])])
-    assert p.tokens.tolist() == [1, 2, 3, 4, 5, 6, 7, 8, 9]
-    assert p.positions.tolist() == [0, 1, 2, 3, 2, 0, 1, 1, 2]  # rejected restarts right after the prompt
+    assert p.tokens.tolist() == [[1, 2, 3, 4, 5], [6, 7, 8, 9, 0]]  # one row per pair, padded
+    assert p.positions.tolist() == [[0, 1, 2, 3, 2], [0, 1, 1, 2, 0]]  # rejected restarts after the prompt
     assert p.predictors.tolist() == [1, 2, 1, 5, 5, 7] and p.targets.tolist() == [3, 4, 5, 7, 8, 9]
     assert p.owner.tolist() == [0, 0, 1, 2, 3, 3]
-    assert p.mask[4].tolist() == [
-        True,
-        True,
-        False,
-        False,
-        True,
-        False,
-        False,
-        False,
-        False,
-    ]  # not the chosen
-    assert not p.mask[5, :5].any()  # pairs never see each other
+    assert p.mask[0, 4].tolist() == [True, True, False, False, True]  # the rejected answer skips the chosen
+    assert p.mask[1, 4].tolist() == [False, False, False, False, True]  # padding sees only itself
 
 
 def test_run_writes_adapter_heldout_and_log(tiny_workspace):
@@ -186,6 +176,8 @@ def test_reference_from_llama_cpp_logs_its_distance_to_the_exact_one(tiny_worksp
     assert info[0]["ref_mean_abs_diff"] < 1e-3  # fp32 torch vs llama.cpp on an F32 model
     sources = {r[0] for r in tiny_workspace.query("SELECT DISTINCT source FROM ref_logps")}
     assert sources == {"llama.cpp", "torch:fp32"}
+    out = run_cli("runs", "show", "l")
+    assert "reference log-probs: llama.cpp vs torch:fp32 differ by 0.000" in out.stdout
 
 
 OOM_SCRIPT = textwrap.dedent(

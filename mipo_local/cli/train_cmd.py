@@ -60,13 +60,20 @@ def _targets(_ctx, _param, value):
 )
 @click.option("--threads", type=int, default=None, help="CPU threads for training.")
 @click.option(
+    "--grad-checkpointing/--no-grad-checkpointing",
+    default=None,
+    help="Recompute activations in the backward pass: less memory, about a third more time (default: off).",
+)
+@click.option(
     "--checkpoint-every", type=int, default=None, help="Optimizer steps between checkpoints (default: 10)."
 )
 @click.option(
     "--eval-every", type=int, default=None, help="Optimizer steps between held-out evaluations (default: 10)."
 )
 @click.option(
-    "--resume", is_flag=True, help="Continue the named run (or the latest) from its last checkpoint."
+    "--resume",
+    is_flag=True,
+    help="Continue the named run (or the latest) from its last checkpoint, with the run's own settings.",
 )
 @click.option("--run", "run_name", default=None, help="Run name (default: run-N).")
 @click.option(
@@ -124,8 +131,16 @@ def show(ctx: click.Context, name: str) -> None:
     click.echo("Settings: " + ", ".join(f"{k}={v}" for k, v in run.settings.items()))
     for line in run_store.read_log(ws, run.id):
         if line["kind"] in ("train", "eval"):
+            speed = f"  {line['pairs_per_s']:.2f} pairs/s" if "pairs_per_s" in line else ""
             click.echo(
-                f"  {line['kind']:5} step {line['step']:4}  loss {line.get('loss', float('nan')):.4f}  acc {line.get('accuracy', 0):.2f}  margin {line.get('margin', 0):+.3f}"
+                f"  {line['kind']:5} step {line['step']:4}  loss {line.get('loss', float('nan')):.4f}  "
+                f"acc {line.get('accuracy', 0):.2f}  margin {line.get('margin', 0):+.3f}{speed}"
+            )
+        elif "ref_mean_abs_diff" in line:
+            a, b = line["ref_compared_sources"]
+            click.echo(
+                f"  reference log-probs: {a} vs {b} differ by {line['ref_mean_abs_diff']:.4f} nats on average "
+                f"({line['ref_compared_pairs']} pairs)"
             )
 
 

@@ -86,53 +86,46 @@ def micro_batches(items: list[TrainPair], size: int) -> list[list[TrainPair]]:
 
 @dataclass
 class PackedPairs:
-    """Pairs packed into ONE row with no padding, the shared prompt computed once per pair.
+    """Pairs as model input: one row per pair, the shared prompt read once, rows padded to the longest.
 
-    Pair i occupies `prompt + chosen + rejected`; the rejected tokens see the prompt but not the chosen ones
-    and take positions right after the prompt, so each response is scored exactly as if it followed its
-    prompt alone. Sequence 2i is pair i's chosen response, 2i+1 its rejected one.
+    Row i holds pair i as `prompt + chosen + rejected`; the rejected tokens see the prompt but not the
+    chosen ones and take positions right after the prompt, so each response is scored exactly as if it
+    followed its prompt alone. (One pair per row, not several: attention grows with the square of a row.)
+    Sequence 2i is pair i's chosen response, 2i+1 its rejected one.
     """
 
-    tokens: np.ndarray  # (T,) int64
-    positions: np.ndarray  # (T,) int64, restarting at 0 for each pair
-    mask: np.ndarray  # (T, T) bool, True where query row may attend to key column
-    predictors: np.ndarray  # (N,) row whose hidden state predicts each response token
+    tokens: np.ndarray  # (B, T) int64, padded with 0
+    positions: np.ndarray  # (B, T) int64
+    mask: np.ndarray  # (B, T, T) bool, True where the query row may attend to the key column
+    predictors: np.ndarray  # (N,) flat index (row * T + column) of the state predicting each response token
     targets: np.ndarray  # (N,) the response tokens
     owner: np.ndarray  # (N,) sequence index (2i chosen, 2i+1 rejected)
     n_sequences: int
 
 
 def pack_pairs(pairs: list[EncodedPair]) -> PackedPairs:
-    tokens, positions, pair_of, branch = [], [], [], []
+    width = max(len(e.prompt) + len(e.chosen) + len(e.rejected) for e in pairs)
+    n = len(pairs)
+    tokens = np.zeros((n, width), np.int64)
+    positions = np.zeros((n, width), np.int64)
+    mask = np.zeros((n, width, width), bool)
     predictors, targets, owner = [], [], []
+    causal = np.tril(np.ones((width, width), bool))
     for i, e in enumerate(pairs):
-        if not e.prompt or not e.chosen or not e.rejected:
+        p, c, r = len(e.prompt), len(e.chosen), len(e.rejected)
+        if not (p and c and r):
             raise ValueError("every packed pair needs a prompt and two non-empty responses")
-        start, p, c, r = len(tokens), len(e.prompt), len(e.chosen), len(e.rejected)
-        tokens += [*e.prompt, *e.chosen, *e.rejected]
-        positions += [*range(p + c), *range(p, p + r)]
-        pair_of += [i] * (p + c + r)
-        branch += [0] * p + [1] * c + [2] * r
-        last_prompt = start + p - 1
-        # Token k of a response is predicted by the row before it; the first by the prompt's last row.
-        predictors += [last_prompt, *range(start + p, start + p + c - 1)]
-        predictors += [last_prompt, *range(start + p + c, start + p + c + r - 1)]
+        used = p + c + r
+        tokens[i, :used] = [*e.prompt, *e.chosen, *e.rejected]
+        positions[i, :used] = [*range(p + c), *range(p, p + r)]
+        mask[i, :used, :used] = causal[:used, :used]
+        mask[i, p + c : used, p : p + c] = False  # the rejected answer never sees the chosen one
+        mask[i, np.arange(used, width), np.arange(used, width)] = True  # padding sees itself (no empty rows)
+        # Token k of a response is predicted by the state before it; the first by the prompt's last state.
+        base = i * width
+        predictors += [base + p - 1, *range(base + p, base + p + c - 1)]
+        predictors += [base + p - 1, *range(base + p + c, base + used - 1)]
         targets += [*e.chosen, *e.rejected]
         owner += [2 * i] * c + [2 * i + 1] * r
-    pair_of_a, branch_a = np.array(pair_of), np.array(branch)
-    idx = np.arange(len(tokens))
-    mask = (
-        (pair_of_a[:, None] == pair_of_a[None, :])
-        & (idx[None, :] <= idx[:, None])
-        & ~((branch_a[:, None] == 2) & (branch_a[None, :] == 1))
-    )
     as_i64 = lambda x: np.asarray(x, dtype=np.int64)  # noqa: E731
-    return PackedPairs(
-        as_i64(tokens),
-        as_i64(positions),
-        mask,
-        as_i64(predictors),
-        as_i64(targets),
-        as_i64(owner),
-        2 * len(pairs),
-    )
+    return PackedPairs(tokens, positions, mask, as_i64(predictors), as_i64(targets), as_i64(owner), 2 * n)

@@ -39,7 +39,7 @@ from .reference import LLAMA_CPP, backend_source, cached, mean_abs_difference, r
 HELDOUT_FILE = "heldout.json"
 SPLIT_FILE = "split.json"  # the run's train / held-out pair ids, fixed at its start
 COMPARE_PAIRS = 8  # pairs scored by the second reference source to report how far the two are apart
-OOM_HINT = "Lower --max-len, --batch-size or --rank (or use fewer --targets), then rerun with --resume."
+OOM_HINT = "Lower --max-len, --batch-size or --rank, or add --grad-checkpointing, then rerun with --resume."
 
 
 @dataclass
@@ -204,6 +204,7 @@ def _train_run(ws, settings, run, model, pairs, resume) -> Generator[Progress | 
         raise TrainingError(f"Out of memory while loading {model.name} for training.", hint=OOM_HINT) from err
     load_seconds = time.monotonic() - started
     runs.set_status(ws, run.id, "running")
+    yield Log("train", f"Loaded in {load_seconds:.0f} s; preparing {len(pairs)} pairs.")
 
     # Data: the model's own template and tokenizer; the split fixed at the run's start.
     items = encode_pairs(str(model.file), pairs, settings.max_len)

@@ -1,8 +1,12 @@
 """The torch backend: transformers' GGUF loader + PEFT LoRA, on CUDA or CPU.
 
-Speed choices: bf16 autocast where the hardware has fast bf16 (CUDA, CPUs with AVX512-BF16/AMX), the
-49k-wide output head applied only at response positions, log-softmax and sums in fp32, no second model
-for the reference (the adapter is switched off instead).
+Where the time and memory go, and what this file does about it:
+- bf16 where the hardware has it (CUDA, CPUs with AVX512-BF16/AMX): frozen matrices stored in bf16, LoRA
+  weights, norms and the residual stream in fp32, log-softmax and log-prob sums always in fp32;
+- one row per pair, the shared prompt read once for both answers (batching.pack_pairs), no padding waste;
+- the 49k-wide output head only at response positions, fused with the log-prob (torch_head.py);
+- no second model for the reference: the adapter is switched off instead;
+- optional activation (gradient) checkpointing.
 """
 
 from __future__ import annotations
@@ -129,18 +133,29 @@ class TorchBackend(Backend):
             target_modules=[HF_PROJ[t] for t in lora.targets],
             bias="none",
         )
-        # PEFT keeps the LoRA weights in fp32 even on a bf16 base (autocast_adapter_dtype).
-        with warnings.catch_warnings():  # PEFT asks transformers a deprecated question; not the user's concern
+        # PEFT keeps the LoRA weights in fp32 even on a bf16 base (autocast_adapter_dtype). It also asks
+        # transformers a deprecated question, whose warning is no concern of the user's.
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             self.model = get_peft_model(model, config, autocast_adapter_dtype=True)
+        if self.bf16:  # PEFT would upcast LoRA's bf16 input to fp32 for autocast to cast it straight back
+            for module in self.model.modules():
+                if hasattr(module, "cast_input_dtype_enabled"):
+                    module.cast_input_dtype_enabled = False
         inner = self.model.get_base_model()
         self._decoder = inner.model
         self._head_weight = inner.lm_head.weight.detach()  # tied models: the embedding matrix itself
         inner.lm_head = torch.nn.Identity()  # the head runs on response rows only (_sequence_logps)
         self._softcap = float(getattr(model.config, "final_logit_softcapping", None) or 0.0)
+        sliding = "sliding_attention" in (getattr(model.config, "layer_types", None) or ())
+        self._window = int(model.config.sliding_window or 0) if sliding else 0
         if self.grad_checkpointing:
             # Non-reentrant checkpointing lets gradients reach LoRA through frozen embeddings.
-            inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            kwargs = {"use_reentrant": False}
+            if hasattr(inner, "activation_checkpointing_enable"):  # transformers >= 5 renamed it
+                inner.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         self.model.to(self.device)
         self._head_weight = self._head_weight.to(self.device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -152,8 +167,8 @@ class TorchBackend(Backend):
     def _sequence_logps(self, pairs: list[EncodedPair]):
         """Summed response log-probs of [chosen_0, rejected_0, chosen_1, ...] as a 1-D fp32 tensor.
 
-        One packed row per call (batching.pack_pairs): the prompt is read once for both responses, no
-        padding, and the output head runs only on the rows that predict a response token.
+        One row per pair (batching.pack_pairs): the prompt is read once for both responses, and the output
+        head runs only on the states that predict a response token.
         """
         import torch
 
@@ -161,12 +176,15 @@ class TorchBackend(Backend):
 
         packed = pack_pairs(pairs)
         dev = self.device
-        ids = torch.from_numpy(packed.tokens).to(dev)[None]
-        pos = torch.from_numpy(packed.positions).to(dev)[None]
-        mask = torch.from_numpy(packed.mask).to(dev)[None, None]
+        ids = torch.from_numpy(packed.tokens).to(dev)
+        pos = torch.from_numpy(packed.positions).to(dev)
+        mask = torch.from_numpy(packed.mask).to(dev)[:, None]
+        if self._window:  # local-attention layers (gemma3, some qwen) see only the last `window` positions
+            near = (pos[:, :, None] - pos[:, None, :]) < self._window
+            mask = {"full_attention": mask, "sliding_attention": mask & near[:, None]}
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.bf16):
-            hidden = self._decoder(input_ids=ids, position_ids=pos, attention_mask=mask).last_hidden_state[0]
-        rows = hidden[torch.from_numpy(packed.predictors).to(dev)]
+            hidden = self._decoder(input_ids=ids, position_ids=pos, attention_mask=mask).last_hidden_state
+        rows = hidden.reshape(-1, hidden.shape[-1])[torch.from_numpy(packed.predictors).to(dev)]
         token_lp = head_logprobs(
             rows, self._head_weight, torch.from_numpy(packed.targets).to(dev), self._softcap
         )
@@ -303,7 +321,8 @@ class TorchBackend(Backend):
             a = module.lora_A["default"].weight.detach().float().cpu().numpy()
             b = module.lora_B["default"].weight.detach().float().cpu().numpy()
             scale = float(module.scaling["default"])
-            out[target] = LoraTensor(a.copy(), np.ascontiguousarray(self._to_gguf_rows(kind, b)), scale)
+            # Copies: .numpy() shares memory with the live weights, which the next step changes in place.
+            out[target] = LoraTensor(a.copy(), np.array(self._to_gguf_rows(kind, b), order="C"), scale)
         return out
 
     def lora_gradients(self) -> dict[str, LoraTensor]:
@@ -315,8 +334,8 @@ class TorchBackend(Backend):
                 continue
             b = gb.detach().float().cpu().numpy()
             out[target] = LoraTensor(
-                ga.detach().float().cpu().numpy(),
-                np.ascontiguousarray(self._to_gguf_rows(kind, b)),
+                ga.detach().float().cpu().numpy().copy(),
+                np.array(self._to_gguf_rows(kind, b), order="C"),
                 float(module.scaling["default"]),
             )
         return out
@@ -345,6 +364,17 @@ def _keep_residual_stream_fp32(model) -> None:
         for param in module.parameters(recurse=False):
             param.data = param.data.float()
     model.get_input_embeddings().register_forward_hook(lambda _m, _inputs, out: out.float())
+    # The norms whose output only feeds matmuls hand it over in bf16: autocast would cast it to bf16 anyway,
+    # once per consumer (q, k, v and their LoRA paths), and keep every copy alive for the backward pass.
+    for layer in model.model.layers:
+        sandwich = hasattr(
+            layer, "pre_feedforward_layernorm"
+        )  # gemma: post_attention_layernorm feeds the residual
+        for name in (
+            "input_layernorm",
+            "pre_feedforward_layernorm" if sandwich else "post_attention_layernorm",
+        ):
+            getattr(layer, name).register_forward_hook(lambda _m, _inputs, out: out.to(torch.bfloat16))
 
 
 @contextlib.contextmanager

@@ -21,7 +21,7 @@ import hashlib
 import json
 import time
 from collections.abc import Generator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
 
@@ -40,8 +40,8 @@ CHUNK_PAIRS = 16  # pairs generated and committed together (kill -9 loses at mos
 @dataclass
 class PairPlan:
     key: str
-    prompt_id: int
-    context_id: int
+    prompt_id: int | None
+    context_id: int | None
     prompt: str
     context: str
     neg_context: str | None
@@ -323,3 +323,60 @@ def _run_chunk(engine, chunk: list[PairPlan], encoded, settings: PairSettings, m
             }
         )
     return rows, dropped
+
+
+def regenerate_pair(
+    ws: Workspace, pair_id: int, seed: int | None = None
+) -> Generator[Progress | Log, None, int]:
+    """Sample one pair again with a fresh seed (or `seed`), keeping its prompt, contexts and settings.
+
+    The row keeps its id and pair_key (so `pairs` never generates it a second time) and records the new
+    seed, so the new answers can be reproduced. Returns the new sampling seed. Imported pairs have no
+    recipe to rerun and are refused.
+    """
+    import secrets
+
+    from .engine import Engine
+    from .pairs_store import get_pair
+
+    old = get_pair(ws, pair_id)
+    if old.source != "generated":
+        raise UserInputError(f"Pair {pair_id} was imported; only generated pairs can be regenerated.")
+    known = {f.name for f in fields(PairSettings)}
+    settings = PairSettings(**{k: v for k, v in old.settings.items() if k in known})
+    seed = secrets.randbelow(2**31) if seed is None else seed
+    # The user asked for this pair: keep it whatever its PMI margin (no min-pmi filter here).
+    settings = replace(settings, seed=seed, min_pmi=None)
+    validate(settings)
+    model = modelsource.base_model(ws)
+    plan = PairPlan(
+        old.pair_key,
+        None,  # prompt_id / context_id stay as they are in the row
+        None,
+        old.prompt,
+        old.context,
+        old.neg_context,
+        old.neg_prompt,
+        old.strategy,
+        _stable_int(old.pair_key, "seed", seed),
+    )
+    with ws.job("pairs", f"mipo-local pairs regenerate {pair_id}"):
+        yield Log("pairs", f"Regenerating pair {pair_id} with seed {seed}.")
+        cf = chat_format(str(model.file))
+        encoded = {plan.key: _encode(cf, plan)}
+        longest = max(map(len, encoded[plan.key].values()))
+        with Engine(
+            model.file, n_seq=2 * settings.candidates, ctx_per_seq=longest + settings.max_tokens + 2
+        ) as engine:
+            rows, _ = _run_chunk(engine, [plan], encoded, settings, model.sha256)
+        row = rows[0]
+        with ws.transaction() as conn:
+            updated = conn.execute(
+                "UPDATE pairs SET chosen = :chosen, rejected = :rejected, seed = :seed, settings = :settings,"
+                " scores = :scores, pmi_margin = :pmi_margin, created_at = :created_at WHERE id = :id",
+                {**row, "id": pair_id},
+            ).rowcount
+        if not updated:  # deleted by another process meanwhile: nothing to put the answers in
+            raise UserInputError(f"Pair {pair_id} was deleted while it was being regenerated.")
+        yield Progress("pairs", 1, 1, unit="pairs")
+    return seed

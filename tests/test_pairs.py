@@ -266,3 +266,49 @@ def test_import_reads_trl_conversational_forms(tmp_path):
         with pytest.raises(UserInputError, match=message.replace("(", r"\(")):
             pairs_store.import_jsonl(ws, path)
     assert ws.count("pairs") == 4
+
+
+def _drain(gen):
+    while True:
+        try:
+            next(gen)
+        except StopIteration as stop:
+            return stop.value
+
+
+def test_regenerate_one_pair_with_a_fresh_seed(tiny_workspace, tmp_path):
+    _fill(tiny_workspace)
+    _run(tiny_workspace)
+    before = {p.id: p for p in pairs_store.list_pairs(tiny_workspace)}
+    target = sorted(before)[1]
+    assert _drain(mipo_pairs.regenerate_pair(tiny_workspace, target, seed=5)) == 5
+    after = {p.id: p for p in pairs_store.list_pairs(tiny_workspace)}
+    assert after.keys() == before.keys()
+    new, old = after[target], before[target]
+    assert (new.chosen, new.rejected) != (old.chosen, old.rejected)
+    assert (new.pair_key, new.prompt, new.context, new.neg_context) == (
+        old.pair_key, old.prompt, old.context, old.neg_context
+    )  # fmt: skip
+    assert new.settings["seed"] == 5 and new.settings["max_tokens"] == old.settings["max_tokens"]
+    assert new.scores["pmi_chosen"] - new.scores["pmi_rejected"] == pytest.approx(new.pmi_margin)
+    assert all(after[i] == before[i] for i in before if i != target)  # the others are untouched
+    # The same seed reproduces the same answers; a later `pairs` run does not generate the pair again.
+    first = (new.chosen, new.rejected)
+    _drain(mipo_pairs.regenerate_pair(tiny_workspace, target, seed=5))
+    again = pairs_store.get_pair(tiny_workspace, target)
+    assert (again.chosen, again.rejected) == first
+    assert _run(tiny_workspace).generated == 0
+    # A fresh random seed when none is given.
+    assert _drain(mipo_pairs.regenerate_pair(tiny_workspace, target)) != 5
+    assert tiny_workspace.running_jobs() == []
+
+
+def test_regenerate_refuses_imported_and_unknown_pairs(tiny_workspace, tmp_path):
+    f = tmp_path / "p.jsonl"
+    f.write_text(json.dumps({"prompt": "Q?", "chosen": "Yes.", "rejected": "No."}) + "\n")
+    pairs_store.import_jsonl(tiny_workspace, f)
+    imported = pairs_store.list_pairs(tiny_workspace)[0].id
+    with pytest.raises(UserInputError, match=f"Pair {imported} was imported"):
+        _drain(mipo_pairs.regenerate_pair(tiny_workspace, imported))
+    with pytest.raises(UserInputError, match="no pair with id 999"):
+        _drain(mipo_pairs.regenerate_pair(tiny_workspace, 999))

@@ -36,6 +36,10 @@ def test_generate_list_show_rm(ws_dir, tiny_gguf):
     assert r.exit_code == 0 and pair.chosen in r.stdout and pair.rejected in r.stdout
     assert f"Negative context: {pair.neg_context}" in r.stdout and '"pmi_chosen"' in r.stdout
     assert pair.settings["seed"] == 3 and pair.settings["max_tokens"] == 8
+    r = run_cli("pairs", "regenerate", "2", "--seed", "11")
+    assert r.exit_code == 0 and "Regenerated pair 2 with seed 11, PMI margin" in r.stdout, r.output
+    again = pairs_store.get_pair(Workspace.open(ws_dir), 2)
+    assert again.settings["seed"] == 11 and (again.chosen, again.rejected) != (pair.chosen, pair.rejected)
     assert run_cli("pairs", "rm", "2").exit_code == 0
     r = run_cli("pairs", "show", "2")
     assert r.exit_code != 0 and "There is no pair with id 2." in r.stderr

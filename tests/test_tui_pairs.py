@@ -98,3 +98,33 @@ def test_closing_mid_job_offers_to_continue_then_shows_and_deletes_pairs(tiny_wo
     assert tiny_workspace.count("pairs") == 17
     assert tiny_workspace.get_config(PENDING_KEY) is None
     assert any("new pairs" in n.message for n in notes)
+
+
+def test_regenerate_a_pair_from_its_detail_view(tiny_workspace):
+    from mipo_local import pairs_store
+    from mipo_local.settings import PairSettings
+    from tests.test_pairs import _run
+
+    _fill(tiny_workspace, n_prompts=2)
+    _run(tiny_workspace, PairSettings(max_tokens=8, temperature=0.8, batch_size=8))
+    before = pairs_store.list_pairs(tiny_workspace)[0]
+
+    async def scenario(app, pilot):
+        await pilot.press("3")
+        await pilot.press("enter")
+        assert type(app.screen).__name__ == "PairDetailScreen"
+        await pilot.press("r")
+        await settle(app, pilot)
+        # The detail view opens again on the regenerated pair.
+        assert type(app.screen).__name__ == "PairDetailScreen"
+        assert app.screen.pair.id == before.id and app.screen.pair.seed != before.seed
+        shown = " ".join(str(w.render()) for w in app.screen.query(Static))
+        after = pairs_store.get_pair(tiny_workspace, before.id)
+        assert after.chosen[:20] in shown
+
+    notes = drive(tiny_workspace.root, scenario)
+    after = pairs_store.get_pair(tiny_workspace, before.id)
+    assert after.settings["seed"] != before.settings["seed"]
+    assert (after.chosen, after.rejected) != (before.chosen, before.rejected)
+    assert tiny_workspace.count("pairs") == 4  # two contexts x two prompts, none added or lost
+    assert any(f"Pair {before.id} regenerated with seed {after.settings['seed']}" in n.message for n in notes)

@@ -102,6 +102,21 @@ def rm(ctx: click.Context, pair_id: int) -> None:
     click.echo(f"Removed pair {pair_id}.")
 
 
+@pairs.command()
+@click.argument("pair_id", type=int)
+@click.option("--seed", type=int, default=None, help="Sampling seed (default: a fresh random one).")
+@click.pass_context
+def regenerate(ctx: click.Context, pair_id: int, seed: int | None) -> None:
+    """Sample pair PAIR_ID again with a fresh seed: same prompt, contexts and settings, new answers."""
+    ws = open_workspace(ctx)
+    used = drive(mipo_pairs.regenerate_pair(ws, pair_id, seed))
+    p = pairs_store.get_pair(ws, pair_id)
+    margin = "" if p.pmi_margin is None else f", PMI margin {p.pmi_margin:+.3f}"
+    click.echo(
+        f"Regenerated pair {pair_id} with seed {used}{margin}. See it: mipo-local pairs show {pair_id}"
+    )
+
+
 @pairs.command("export")
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
 @click.pass_context

@@ -20,9 +20,13 @@ def _score_line(pair: Pair) -> str:
 
 
 class PairDetailScreen(ModalScreen[str | None]):
-    """Dismisses with "delete" when the user asks to delete the pair, else None."""
+    """Dismisses with "delete" or "regenerate" when the user asks for that, else None."""
 
-    BINDINGS = [Binding("escape,q", "dismiss_none", "Close"), Binding("d", "delete", "Delete pair")]
+    BINDINGS = [
+        Binding("escape,q", "dismiss_none", "Close"),
+        Binding("r", "regenerate", "Regenerate"),
+        Binding("d", "delete", "Delete pair"),
+    ]
 
     def __init__(self, pair: Pair) -> None:
         super().__init__()
@@ -56,3 +60,6 @@ class PairDetailScreen(ModalScreen[str | None]):
 
     def action_delete(self) -> None:
         self.dismiss("delete")
+
+    def action_regenerate(self) -> None:
+        self.dismiss("regenerate")

@@ -1,4 +1,4 @@
-"""PairsScreen: generate MIPO pairs with live progress, browse them by PMI, inspect and delete them."""
+"""PairsScreen: generate MIPO pairs with live progress, browse them by PMI, inspect, regenerate, delete."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from textual.containers import Horizontal
 from textual.widgets import Button, DataTable, Input, Label, Select
 
 from mipo_local import pairs_store
-from mipo_local.pairs import generate_pairs
+from mipo_local.pairs import generate_pairs, regenerate_pair
 from mipo_local.settings import NEGATIVE_STRATEGIES, PairSettings, with_overrides
 
 from ..format import one_line
@@ -23,10 +23,12 @@ from .section import SectionScreen
 class PairsScreen(SectionScreen):
     SECTION = "pairs"
     AUTO_FOCUS = "#pairs"
+    _regenerated: int | None = None  # the pair the running "regenerate" job samples again
     BINDINGS = [
         Binding("g", "generate", "Generate"),
         Binding("c", "cancel_job", "Cancel"),
         Binding("enter", "show_pair", "Details", show=False),
+        Binding("r", "regenerate", "Regenerate"),
         Binding("d", "delete", "Delete"),
     ]
 
@@ -101,8 +103,14 @@ class PairsScreen(SectionScreen):
 
     @on(JobRunner.Finished)
     def job_finished(self, message: JobRunner.Finished) -> None:
-        s = message.result
         self.reload()
+        if message.name == "regenerate":
+            pair = self.app.attempt(pairs_store.get_pair, self.ws, self._regenerated)
+            if pair is not None:
+                self.notify(f"Pair {pair.id} regenerated with seed {message.result}.")
+                self._show(pair)
+            return
+        s = message.result
         self.notify(
             f"{s.generated} new pairs ({s.already_done} already done, {s.dropped} dropped, "
             f"{s.skipped_prompts} prompts skipped)."
@@ -120,14 +128,28 @@ class PairsScreen(SectionScreen):
     def action_show_pair(self) -> None:
         pair_id = self._selected_id()
         pair = None if pair_id is None else self.app.attempt(pairs_store.get_pair, self.ws, pair_id)
-        if pair is None:
-            return
+        if pair is not None:
+            self._show(pair)
 
+    def _show(self, pair) -> None:
         def closed(choice: str | None) -> None:
             if choice == "delete":
-                self._delete(pair_id)
+                self._delete(pair.id)
+            elif choice == "regenerate":
+                self._regenerate(pair.id)
 
         self.app.push_screen(PairDetailScreen(pair), closed)
+
+    def action_regenerate(self) -> None:
+        pair_id = self._selected_id()
+        if pair_id is not None:
+            self._regenerate(pair_id)
+
+    def _regenerate(self, pair_id: int) -> None:
+        """Sample the pair again with a fresh seed, in the job runner (it loads the model)."""
+        ws = self.ws
+        self._regenerated = pair_id
+        self.query_one(JobRunner).start("regenerate", lambda: regenerate_pair(ws, pair_id))
 
     def action_delete(self) -> None:
         pair_id = self._selected_id()
@@ -142,5 +164,8 @@ class PairsScreen(SectionScreen):
     def palette_commands(self):
         yield SystemCommand(
             "Generate pairs", "Sample chosen/rejected answers for every prompt", self.action_generate
+        )
+        yield SystemCommand(
+            "Regenerate the selected pair", "Sample it again with a fresh seed", self.action_regenerate
         )
         yield SystemCommand("Cancel pair generation", "Stop after the current chunk", self.action_cancel_job)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from . import modelsource
 from .chat import chat_format
-from .errors import UserInputError
+from .errors import UserInputError, WorkspaceError
 from .workspace import Workspace
 
 
@@ -31,6 +31,11 @@ def resolve_chat_model(ws: Workspace, spec: str) -> ModelChoice:
     if spec == "latest":
         from .evaluate import export_engine_args, latest_export
 
+        if not ws.query("SELECT 1 FROM exports LIMIT 1"):
+            raise WorkspaceError(
+                "There is no export to chat with yet.",
+                hint="Run `mipo-local export` first, or chat with the base model: --model base.",
+            )
         export = latest_export(ws)
         path, lora = export_engine_args(ws, export)
         return ModelChoice(f"export #{export['id']}", path, lora)

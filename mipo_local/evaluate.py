@@ -110,6 +110,18 @@ def check_judge_file(path: Path) -> None:
         )
 
 
+def validate(settings: EvalSettings) -> None:
+    """Raise UserInputError naming the first bad setting."""
+    if settings.n < 1:
+        raise UserInputError(f"--n must be at least 1, not {settings.n}.")
+    if not 1 <= settings.max_tokens <= 4096:
+        raise UserInputError(f"--max-tokens must be between 1 and 4096, not {settings.max_tokens}.")
+    if not 0.0 <= settings.temperature <= 5.0:
+        raise UserInputError(f"The temperature must be between 0 and 5, not {settings.temperature}.")
+    if not 0.0 < settings.top_p <= 1.0:
+        raise UserInputError(f"top_p must be in (0, 1], not {settings.top_p}.")
+
+
 def _answers(engine, cf, items, settings: EvalSettings) -> list[str]:
     from .engine import GenRequest
 
@@ -146,6 +158,7 @@ def evaluate(
     from .engine import Engine
 
     started = time.monotonic()
+    validate(settings)
     if judge is not None:
         check_judge_file(Path(judge))
     export = latest_export(ws, export_id)
@@ -167,6 +180,9 @@ def evaluate(
     cf = chat_format(str(base.file))
     beta = float(run.settings.get("beta", 0.1))
     with ws.job("eval", f"mipo-local eval (export {export['id']})"):
+        yield Log(
+            "eval", f"Evaluating export #{export['id']} of run '{run.name}' on {len(held)} held-out pairs..."
+        )
         items = [(pair_rows[h["pair_id"]]["context"], pair_rows[h["pair_id"]]["prompt"]) for h in held]
         encoded = [
             cf.encode_pair(
@@ -257,15 +273,18 @@ def evaluate(
 
 
 def save_report(ws: Workspace, report: EvalReport, run) -> Path:
+    """Store the report: its row and its files land together (a kill in between leaves neither row nor
+    dangling reference; files of an uncommitted id are overwritten by the next report, which gets that id)."""
+    from .plots import training_plot_png
+
+    log = runs.read_log(ws, run.id)
     with ws.transaction() as conn:
         cur = conn.execute(
             "INSERT INTO evals(export_id, run_id, report, created_at) VALUES (?, ?, ?, ?)",
             (report.export_id, run.id, json.dumps(asdict(report)), time.time()),
         )
-    eval_id = cur.lastrowid
-    path = ws.root / "evals" / f"eval-{eval_id}.json"
-    atomic_write_text(path, json.dumps(asdict(report), indent=2))
-    from .plots import training_plot_png
-
-    training_plot_png(runs.read_log(ws, run.id), report, ws.root / "evals" / f"eval-{eval_id}.png")
+        eval_id = cur.lastrowid
+        path = ws.root / "evals" / f"eval-{eval_id}.json"
+        atomic_write_text(path, json.dumps(asdict(report), indent=2))
+        training_plot_png(log, report, ws.root / "evals" / f"eval-{eval_id}.png")
     return path

@@ -13,6 +13,8 @@ import time
 from collections.abc import Generator
 from dataclasses import dataclass, field
 
+from . import modelsource
+from .errors import UserInputError
 from .progress import Log, Progress
 from .settings import EvalSettings, ExportSettings, PairSettings, TrainSettings
 from .workspace import Workspace
@@ -43,6 +45,20 @@ def run_pipeline(
     from .train import runs
     from .train.loop import train as train_job
 
+    # Checked before anything is written or printed, so a bad start leaves one error line and no trace.
+    if n_prompts < 0:
+        raise UserInputError(f"--prompts must be 0 or more, not {n_prompts}.")
+    if not ws.contexts():
+        raise UserInputError(
+            "There are no contexts yet: the pipeline needs to know who you are.",
+            hint='Run: mipo-local context add "I am ..."',
+        )
+    modelsource.base_model(ws)  # a missing or unset base model is said now, not after synthesis
+    from . import pairs as pairs_check
+    from .evaluate import validate as validate_eval
+
+    pairs_check.validate(pairs or PairSettings())
+    validate_eval(evaluation or EvalSettings())
     result = PipelineResult()
     with ws.job("run", f"mipo-local run --prompts {n_prompts}"):
         t = time.monotonic()
@@ -87,7 +103,9 @@ def run_pipeline(
             from .export import export as export_job
 
             yield Log("run", "[4/5] Exporting the personalized GGUF.")
-            yield from export_job(ws, run_name=run.name, settings=export or ExportSettings())
+            # No export row for this run: a folder already at the output path is what an export killed
+            # between its final rename and its record left behind, so it is replaced.
+            yield from export_job(ws, run_name=run.name, settings=export or ExportSettings(), force=True)
             result.export_id = ws.query(
                 "SELECT id FROM exports WHERE run_id = ? ORDER BY id DESC LIMIT 1", (run.id,)
             )[0]["id"]

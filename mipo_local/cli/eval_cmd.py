@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from ..conversation import ChatSession, resolve_chat_model, system_from_contexts
+from ..errors import WorkspaceError
 from ..evaluate import evaluate
 from ..modelsource import base_model
 from ..plots import training_plot_text
@@ -30,6 +31,7 @@ from .common import drive, open_workspace, table
     help="A judge GGUF that scores answers 1-5.",
 )
 @click.option("--seed", type=int, default=None, help="Sampling seed (default: 0).")
+@click.option("--max-tokens", type=int, default=None, help="Longest sampled answer in tokens (default: 192).")
 @click.option(
     "--plot/--no-plot", default=True, show_default=True, help="Draw the training curve in the terminal."
 )
@@ -43,7 +45,7 @@ def eval_cmd(
         run = run_store.require_run(ws, run_name)
         rows = ws.query("SELECT id FROM exports WHERE run_id = ? ORDER BY id DESC LIMIT 1", (run.id,))
         if not rows:
-            raise click.UsageError(
+            raise WorkspaceError(
                 f"The run '{run_name}' has no export yet; run `mipo-local export --run {run_name}`."
             )
         export_id = rows[0]["id"]

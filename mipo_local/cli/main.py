@@ -74,8 +74,13 @@ def main(argv: list[str] | None = None) -> int:
         cli.main(args=argv, prog_name="mipo-local", standalone_mode=False)
     except click.exceptions.Exit as exc:
         return exc.exit_code
+    except click.UsageError as exc:
+        # One line like every other error (click's default adds a usage block); the help hint stays on it.
+        where = f" See `{exc.ctx.command_path} --help`." if exc.ctx is not None else ""
+        click.echo(f"Error: {exc.format_message()}{where}", err=True)
+        return exc.exit_code
     except click.ClickException as exc:
-        exc.show()
+        click.echo(f"Error: {exc.format_message()}", err=True)
         return exc.exit_code
     except click.exceptions.Abort:
         click.echo("Cancelled.", err=True)

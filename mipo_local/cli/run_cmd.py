@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from ..pipeline import run_pipeline
+from ..settings import EvalSettings, PairSettings, with_overrides
 from .common import drive, open_workspace
 
 
@@ -17,11 +18,19 @@ from .common import drive, open_workspace
     show_default=True,
     help="Synthesize prompts until there are this many.",
 )
+@click.option(
+    "--max-tokens",
+    type=int,
+    default=None,
+    help="Longest answer in tokens, for the pairs and the evaluation (default: 192).",
+)
 @click.pass_context
-def run_cmd(ctx: click.Context, n_prompts: int) -> None:
+def run_cmd(ctx: click.Context, n_prompts: int, max_tokens: int | None) -> None:
     """Run the whole pipeline with good defaults. Rerun it to resume after an interruption."""
     ws = open_workspace(ctx)
-    result = drive(run_pipeline(ws, n_prompts=n_prompts))
+    pairs = with_overrides(PairSettings(), max_tokens=max_tokens)
+    evaluation = with_overrides(EvalSettings(), max_tokens=max_tokens)
+    result = drive(run_pipeline(ws, n_prompts=n_prompts, pairs=pairs, evaluation=evaluation))
     click.echo("Stage times: " + ", ".join(f"{k} {v:.0f}s" for k, v in result.seconds.items()))
     r = result.eval_report
     if r is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -14,6 +15,42 @@ from .errors import WorkspaceError
 
 PRIVATE_DIR = 0o700
 PRIVATE_FILE = 0o600
+
+# Temp names carry the writer's pid (".TARGET.p<pid>.<random>.part"), so one left by a killed process can be
+# told from one still being written and removed by the next writer in the same folder.
+_TEMP_NAME = re.compile(r"^\..+\.p(\d+)\.[^.]+\.part$")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie still answers kill(0)
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split(") ")[-1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def remove_stale_temps(directory: Path) -> None:
+    """Remove the temp files and folders that a killed writer (kill -9, power loss) left in `directory`."""
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(directory):
+            m = _TEMP_NAME.match(entry.name)
+            if m is None or int(m.group(1)) == os.getpid() or _pid_alive(int(m.group(1))):
+                continue
+            with contextlib.suppress(OSError):
+                if entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(entry.path)
+                else:
+                    os.unlink(entry.path)
+
+
+def _temp_prefix(target: Path) -> str:
+    return f".{target.name}.p{os.getpid()}."
 
 
 def private_dir(path: Path) -> Path:
@@ -31,7 +68,8 @@ def atomic_path(target: Path) -> Iterator[Path]:
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+    remove_stale_temps(target.parent)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(target), suffix=".part", dir=target.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -100,7 +138,8 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent))
+    remove_stale_temps(target.parent)
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(target), suffix=".part", dir=target.parent))
     os.chmod(tmp, PRIVATE_DIR)
     try:
         yield tmp

@@ -90,6 +90,7 @@ CASES = [
     ("pairs-import-missing-file", "main", ("pairs", "import", f"{F}/none.jsonl"), "File not found"),
     ("pairs-show-unknown-id", "main", ("pairs", "show", "999"), "no pair with id 999"),
     ("pairs-rm-unknown-id", "main", ("pairs", "rm", "999"), "no pair with id 999"),
+    ("pairs-regenerate-unknown-id", "main", ("pairs", "regenerate", "999"), "no pair with id 999"),
     ("pairs-export-to-directory", "main", ("pairs", "export", F), "is a directory"),
     # -- train
     ("train-no-pairs", "bare", ("train",), "no pairs to train on"),

@@ -83,6 +83,13 @@ def log_softmax(rows: np.ndarray) -> np.ndarray:
     return rows - m - np.log(np.exp(rows - m).sum(axis=-1, keepdims=True))
 
 
+def target_logprobs(logits: np.ndarray, targets: Sequence[int]) -> np.ndarray:
+    """log softmax(logits)[target] per row, without materialising the whole log-softmax in float64."""
+    m = logits.max(axis=-1).astype(np.float64)
+    total = np.exp(logits - m[:, None].astype(logits.dtype)).sum(axis=-1, dtype=np.float64)
+    return logits[np.arange(len(targets)), np.asarray(targets)].astype(np.float64) - m - np.log(total)
+
+
 class Engine:
     """A GGUF loaded in llama.cpp with a multi-sequence context.
 
@@ -176,14 +183,19 @@ class Engine:
     def _clear(self, seq: int) -> None:
         self._lc.llama_memory_seq_rm(self.mem, seq, -1, -1)
 
-    def _decode(self, entries: list[tuple[int, int, int, bool]]) -> None:
-        """Decode (token, pos, seq, want_logits) entries in one call."""
+    def _decode(self, entries: list[tuple[int, int, int | tuple[int, ...], bool]]) -> None:
+        """Decode (token, pos, seq or seqs, want_logits) entries in one call.
+
+        A token given several sequences is stored once in the (unified) KV cache and seen by all of them:
+        that is how a prompt shared by several responses is read only once."""
         b = self.batch
         for i, (tok, pos, seq, logits) in enumerate(entries):
             b.token[i] = tok
             b.pos[i] = pos
-            b.n_seq_id[i] = 1
-            b.seq_id[i][0] = seq
+            seqs = (seq,) if isinstance(seq, int) else seq
+            b.n_seq_id[i] = len(seqs)
+            for j, s in enumerate(seqs):
+                b.seq_id[i][j] = s
             b.logits[i] = logits
         b.n_tokens = len(entries)
         rc = self._lc.llama_decode(self.ctx, b)
@@ -298,43 +310,55 @@ class Engine:
     # -- scoring ---------------------------------------------------------------------------------
 
     def token_logprobs(self, items: Sequence[tuple[list[int], list[int]]]) -> list[np.ndarray]:
-        """Per-token log p(response token | prefix) for each (prompt, response), batched across items."""
-        results: list[np.ndarray | None] = [None] * len(items)
-        order = list(range(len(items)))
+        """Per-token log p(response token | prompt + earlier response tokens) for each (prompt, response).
+
+        Items are decoded n_seq at a time; items of one decode that share a prompt (a pair's chosen and
+        rejected answers, a prompt's K candidates) read that prompt once. A response's last token is never
+        decoded: nothing is predicted from it."""
+        results: list[np.ndarray] = [np.zeros(0)] * len(items)
         i = 0
-        while i < len(order):
-            entries: list[tuple[int, int, int, bool]] = []
-            group: list[tuple[int, int, int]] = []  # (item index, seq, first row of its response logits)
-            self._lc.llama_memory_clear(self.mem, True)
-            while i < len(order) and len(group) < self.n_seq:
-                prompt, response = items[order[i]]
+        while i < len(items):
+            prompts: dict[tuple[int, ...], list[int]] = {}  # prompt -> the sequences that share it
+            members: list[int] = []  # item index of each sequence
+            used = 0
+            while i < len(items) and len(members) < self.n_seq:
+                prompt, response = items[i]
+                if not prompt:
+                    raise ValueError("every scored response needs a non-empty prompt")
                 n = len(prompt) + len(response)
                 if n > self.ctx_per_seq:
                     raise TooLongError(
                         f"A prompt and response of {n} tokens exceed the {self.ctx_per_seq}-token context."
                     )
-                if entries and len(entries) + n > self.n_batch:
-                    break
-                if n > self.n_batch:
+                key = tuple(prompt)
+                cost = max(0, len(response) - 1) + (0 if key in prompts else len(prompt))
+                if cost > self.n_batch:
                     raise TooLongError(f"{n} tokens exceed the batch size of {self.n_batch}.")
-                seq = len(group)
-                tokens = list(prompt) + list(response)
-                start = len(entries) + len(prompt) - 1
-                for p, tok in enumerate(tokens):
-                    entries.append((tok, p, seq, p >= len(prompt) - 1 and p < n - 1))
-                group.append((order[i], seq, start))
+                if members and used + cost > self.n_batch:
+                    break
+                prompts.setdefault(key, []).append(len(members))
+                members.append(i)
+                used += cost
                 i += 1
+            entries: list[tuple[int, int, int | tuple[int, ...], bool]] = []
+            rows: list[list[int]] = [[] for _ in members]  # batch rows whose logits predict each response
+            for key, seqs in prompts.items():
+                entries += [(tok, p, tuple(seqs), p == len(key) - 1) for p, tok in enumerate(key)]
+                for s in seqs:
+                    rows[s].append(len(entries) - 1)
+            for s, idx in enumerate(members):
+                prompt, response = items[idx]
+                for k, tok in enumerate(response[:-1]):
+                    rows[s].append(len(entries))
+                    entries.append((tok, len(prompt) + k, s, True))
+            self._lc.llama_memory_clear(self.mem, True)
             self._decode(entries)
-            for idx, _seq, start in group:
+            for s, idx in enumerate(members):
                 response = items[idx][1]
-                rows = (
-                    np.stack([self._logits(start + k) for k in range(len(response))])
-                    if response
-                    else np.zeros((0, self.n_vocab))
-                )
-                lp = log_softmax(rows) if len(response) else rows
-                results[idx] = lp[np.arange(len(response)), response] if len(response) else np.zeros(0)
-        return [r for r in results]  # type: ignore[misc]
+                if response:
+                    logits = np.stack([self._logits(r) for r in rows[s][: len(response)]])
+                    results[idx] = target_logprobs(logits, response)
+        return results
 
     def score_many(self, items: Sequence[tuple[list[int], list[int]]]) -> list[float]:
         """Summed log-probs of each response given its prompt."""

@@ -83,3 +83,20 @@ def test_too_long_prompt_is_a_clear_error(engine):
         list(engine.stream([1] * 300))
     with pytest.raises(UserInputError, match="exceed the 256-token context"):
         engine.score([1] * 200, [2] * 100)
+
+
+def test_shared_prompts_are_read_once_and_score_as_if_alone(engine, tiny_gguf):
+    """A pair's chosen and rejected (and K candidates) share their prompt in one decode: same numbers."""
+    cf = chat_format(str(tiny_gguf))
+    items = []
+    for who, question in (("I am Ana.", "Hi?"), ("I am Bo, a pilot.", "What should I pack for a long trip?")):
+        prompt = cf.prompt_ids(who, question)
+        for answer in ("Hello there!", "Pack light and bring a good book.", "No."):
+            items.append((prompt, cf.response_ids(who, question, answer)))
+    together = engine.token_logprobs(items)
+    with Engine(tiny_gguf, n_seq=1, ctx_per_seq=256, n_threads=2) as alone_engine:
+        alone = [alone_engine.token_logprobs([item])[0] for item in items]
+    for a, b, (_, response) in zip(together, alone, items, strict=True):
+        assert a.shape == (len(response),)
+        np.testing.assert_allclose(a, b, atol=1e-3)  # measured: up to 1.5e-4, float noise of the batch shape
+    assert engine.token_logprobs([(items[0][0], [])])[0].shape == (0,)

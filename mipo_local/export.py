@@ -80,6 +80,13 @@ def default_out_dir(ws: Workspace, run_name: str, label: str) -> Path:
     return ws.root / "exports" / f"{run_name}-{label}"
 
 
+def _recorded(ws, folder: Path) -> bool:
+    """Whether an export row points into `folder`."""
+    prefix = str(folder) + "/"
+    rows = ws.query("SELECT 1 FROM exports WHERE substr(path, 1, ?) = ? LIMIT 1", (len(prefix), prefix))
+    return bool(rows)
+
+
 def _plan(ws, run_name, settings: ExportSettings, out_dir, ollama_name, force) -> _Plan:
     run = runs.require_run(ws, run_name, finished=True)
     base = Path(run.base_model["path"])
@@ -96,11 +103,18 @@ def _plan(ws, run_name, settings: ExportSettings, out_dir, ollama_name, force) -
     )
     if out.exists() and not out.is_dir():
         raise UserInputError(f"The output path {out} is a file; give a folder path with --out.")
+    warnings: list[str] = []
     if out.exists() and not force:
-        raise UserInputError(f"The output folder {out} already exists.", hint="Pass --force to replace it.")
+        if out_dir is None and not _recorded(ws, out):
+            # The default folder with no export row: an export killed between its final rename and its
+            # record left it. Nothing refers to it, so it is replaced rather than blocking every rerun.
+            warnings.append(f"Replaced {out}, left by an export that was interrupted before it was recorded.")
+        else:
+            raise UserInputError(
+                f"The output folder {out} already exists.", hint="Pass --force to replace it."
+            )
 
     # The Ollama template comes before any heavy work, so an untranslatable template stops --ollama early.
-    warnings: list[str] = []
     template, turns = None, None
     try:
         chat_template, add_bos = ollama.template_from_reader(reader, base)

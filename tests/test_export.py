@@ -362,3 +362,17 @@ def test_default_model_q8_0_export(ws_dir, default_f16_gguf, tmp_path):
     fid = result.fidelity
     assert fid["sign_agreement"] >= 0.95 and fid["pearson"] > 0.99, fid
     ws.close()
+
+
+def test_unrecorded_default_folder_is_replaced_a_recorded_one_is_refused(export_ws):
+    """A kill between the final rename and the database record leaves a folder nothing refers to."""
+    ws, _ = export_ws
+    settings = ExportSettings(adapter_only=True, verify=False)
+    _, first = drain(export(ws, "run-1", settings))
+    with ws.transaction() as conn:  # what the kill leaves: the folder, no row
+        conn.execute("DELETE FROM exports WHERE id = ?", (first.id,))
+    events, again = drain(export(ws, "run-1", settings))
+    assert any(getattr(e, "message", "").startswith(f"Replaced {first.directory}") for e in events)
+    assert again.directory == first.directory and again.path.is_file()
+    with pytest.raises(UserInputError, match="already exists"):
+        drain(export(ws, "run-1", settings))

@@ -214,6 +214,8 @@ class TorchBackend(Backend):
             ref_r = torch.tensor(batch.ref_rejected, dtype=torch.float32, device=self.device)
             loss, r_c, r_r = dpo_terms(lp[0::2], lp[1::2], ref_c, ref_r, beta, torch)
             (loss.mean() * loss_scale).backward()
+        if self.device.type == "cpu":
+            _return_freed_memory()
         metrics = dpo_metrics(*(x.detach().cpu().numpy() for x in (loss, r_c, r_r)))
         metrics["tokens"] = float(sum(len(e.prompt) + len(e.chosen) + len(e.rejected) for e in batch.pairs))
         return metrics
@@ -375,6 +377,28 @@ def _keep_residual_stream_fp32(model) -> None:
             "pre_feedforward_layernorm" if sandwich else "post_attention_layernorm",
         ):
             getattr(layer, name).register_forward_hook(lambda _m, _inputs, out: out.to(torch.bfloat16))
+
+
+def _return_freed_memory() -> None:
+    """Hand the activations freed by a backward pass back to the OS (glibc keeps them otherwise).
+
+    Each pair has its own length, so each step's activations have new sizes; glibc's allocator does not
+    reuse the old blocks well and the process grows step after step (measured: +550 MB over 12 pairs of the
+    default model; with this call, +200 MB). A few milliseconds per call."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _malloc_trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim = None
 
 
 @contextlib.contextmanager

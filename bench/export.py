@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from mipo_local import modelsource  # noqa: E402
+from mipo_local import fidelity, modelsource  # noqa: E402
 from mipo_local.workspace import Workspace  # noqa: E402
 
 CONTEXT = "I am Ana, a vegan chef in Lisbon. I like short, practical answers."
@@ -133,11 +133,7 @@ def main() -> None:
     for name, wall, cpu, info in rows:
         t = info["timings"]
         fid = info.get("fidelity")
-        fid_text = (
-            f"{100 * fid['sign_agreement']:.1f}% sign, r={fid['pearson']:.4f} ({fid['pairs']} pairs)"
-            if fid
-            else "-"
-        )
+        fid_text = fidelity.describe(fid) if fid else "-"
         gguf_mb = [v for k, v in info["files"].items() if k.endswith(".gguf")][0] / 1e6
         print(
             f"{name:18} {wall:6.1f} {cpu:6.1f} {t.get('merge_f16_s', 0):9.1f} {t.get('quantize_s', 0):8.1f} "

@@ -255,7 +255,7 @@ def _verify(ws: Workspace, plan: _Plan, main: Path, settings: ExportSettings, ti
     fid = fidelity_mod.check(
         ws, plan.run, plan.base if adapter_only else main, base_path=plan.base,
         lora_path=main if adapter_only else None, threshold=settings.min_sign_agreement,
-        threads=settings.threads, max_pairs=settings.verify_pairs,
+        threads=settings.threads, max_pairs=settings.verify_pairs, quant=plan.quant,
     )  # fmt: skip
     timings["verify_s"] = time.monotonic() - t0
     if fid is None:

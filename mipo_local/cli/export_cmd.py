@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from .. import fidelity
 from ..settings import QUANT_TYPES, ExportSettings, with_overrides
 from .common import drive, open_workspace
 
@@ -73,14 +74,8 @@ def export(
     )
     if result.modelfile:
         click.echo(f"Modelfile: {result.modelfile}")
-    fid = result.fidelity
-    if fid:
-        corr = "n/a" if fid["pearson"] is None else f"{fid['pearson']:.4f}"
-        verdict = "ok" if fid["ok"] else "BELOW the expected level"
-        click.echo(
-            f"Fidelity: {100 * fid['sign_agreement']:.1f}% same preference sign on {fid['pairs']} held-out pairs, "
-            f"log-prob correlation {corr} ({verdict})."
-        )
+    if result.fidelity:
+        click.echo(fidelity.describe(result.fidelity))
     click.echo(f"Took {result.timings['total_s']:.1f} s.")
 
 
@@ -103,7 +98,13 @@ def list_cmd(ctx: click.Context) -> None:
     click.echo(f"{'id':>3}  {'run':14} {'kind':8} {'quant':6} {'size':>9}  {'fidelity':>8}  path")
     for e in rows:
         fid = e.info.get("fidelity")
-        fid_text = f"{100 * fid['sign_agreement']:.1f}%" if fid else "-"
+        fid_text = (
+            "-"
+            if not fid
+            else "n/a"
+            if fid["sign_agreement"] is None
+            else f"{100 * fid['sign_agreement']:.1f}%"
+        )
         quant = (e.quant or "-").upper()
         click.echo(
             f"{e.id:>3}  {e.run or '-':14} {e.kind:8} {quant:6} {_mb(e.size):>9}  {fid_text:>8}  {e.path}"

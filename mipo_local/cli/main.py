@@ -6,8 +6,10 @@ stderr and a non-zero exit; Ctrl-C becomes `Cancelled` (exit 130) after the job 
 
 from __future__ import annotations
 
+import errno
 import importlib
 import os
+import sqlite3
 import sys
 
 import click
@@ -65,6 +67,12 @@ for _name in COMMAND_MODULES:
     importlib.import_module(_name).register(cli)
 
 
+# A full or read-only disk is the user's to fix, not a bug: one line, like any other bad input. Every write
+# is atomic (temp file + rename, SQLite transactions), so what was there before is still intact.
+DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
+DISK_HINT = "nothing was half-written. Free some disk space and run the same command again."
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point; returns the exit code."""
     os.umask(
@@ -91,6 +99,17 @@ def main(argv: list[str] | None = None) -> int:
     except MipoError as err:
         click.echo(f"Error: {err}", err=True)
         return err.exit_code
+    except OSError as err:
+        if err.errno not in DISK_ERRNOS:
+            raise  # anything else is a bug, and its traceback is what a bug report needs
+        where = f" writing {err.filename}" if err.filename else ""
+        click.echo(f"Error: {err.strerror}{where}; {DISK_HINT}", err=True)
+        return 1
+    except sqlite3.OperationalError as err:
+        if "disk is full" not in str(err) and "disk I/O error" not in str(err):
+            raise
+        click.echo(f"Error: the workspace database could not be written ({err}); {DISK_HINT}", err=True)
+        return 1
     return 0
 
 

@@ -56,6 +56,40 @@ def _score_llama_cpp(base_gguf: Path, items: list[TrainPair], threads: int | Non
     return {t.pair_id: (scores[2 * i], scores[2 * i + 1]) for i, t in enumerate(items)}
 
 
+def llama_cpp_refs(
+    ws: Workspace,
+    items: list[TrainPair],
+    *,
+    model_sha: str,
+    max_len: int,
+    base_gguf: Path,
+    threads: int | None,
+    quant: str | None = None,
+) -> Refs:
+    """The base model's log-probs of `items` in llama.cpp: cached ones, the rest scored and stored.
+
+    `quant`: score the base quantized that way (e.g. q8_0), the reference a quantized export is compared
+    with, so that the quantization's own error cancels out of the export's DPO margins."""
+    source = LLAMA_CPP if quant in (None, "f16") else f"{LLAMA_CPP}:{quant}"
+    refs = cached(ws, [t.pair_id for t in items], model_sha, source, max_len)
+    missing = [t for t in items if t.pair_id not in refs]
+    if not missing:
+        return refs
+    if source == LLAMA_CPP:
+        values = _score_llama_cpp(base_gguf, missing, threads)
+    else:
+        import tempfile
+
+        from ..quantize import quantize
+
+        with tempfile.TemporaryDirectory(prefix=".mipo-ref-", dir=ws.root) as tmp:
+            quantized = quantize(base_gguf, Path(tmp) / f"base-{quant}.gguf", quant, threads=threads)
+            values = _score_llama_cpp(quantized, missing, threads)
+    _store(ws, values, model_sha, source, max_len)
+    refs.update(values)
+    return refs
+
+
 def reference_logps(
     ws: Workspace,
     backend: Backend,
@@ -78,9 +112,8 @@ def reference_logps(
     clock = EtaClock(len(missing))
     if source == LLAMA_CPP:
         yield clock.event("train", 0, "reference log-probs (llama.cpp)", unit="pairs")
-        values = _score_llama_cpp(base_gguf, missing, threads)
-        _store(ws, values, model_sha, source, max_len)
-        refs.update(values)
+        refs.update(llama_cpp_refs(ws, missing, model_sha=model_sha, max_len=max_len, base_gguf=base_gguf,
+                                   threads=threads))  # fmt: skip
         yield clock.event("train", len(missing), "reference log-probs (llama.cpp)", unit="pairs")
         return refs
     done = 0

@@ -10,6 +10,8 @@ from textual.app import ComposeResult
 from textual.containers import Vertical
 from textual.widgets import Static, TextArea
 
+from mipo_local import fidelity
+
 
 def ollama_name_for(run: str | None) -> str:
     return "mipo-" + (re.sub(r"[^a-z0-9._-]+", "-", (run or "model").lower()).strip("-.") or "model")
@@ -31,14 +33,8 @@ def run_commands(export, base_path: str, ollama_name: str | None = None) -> str:
 
 
 def fidelity_text(fid: dict | None) -> str:
-    if not fid:
-        return "Fidelity: not checked."
-    corr = "n/a" if fid["pearson"] is None else f"{fid['pearson']:.4f}"
-    verdict = "ok" if fid["ok"] else "[b red]below the expected level[/]"
-    return (
-        f"Fidelity: {100 * fid['sign_agreement']:.1f}% same preference sign on {fid['pairs']} held-out pairs, "
-        f"log-prob correlation {corr} ({verdict})."
-    )
+    text = escape(fidelity.describe(fid))
+    return text.replace("BELOW the expected level", "[b red]below the expected level[/]")
 
 
 class ExportSummary(Vertical):

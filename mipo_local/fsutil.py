@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import re
@@ -80,12 +81,17 @@ def atomic_path(target: Path) -> Iterator[Path]:
                 os.fsync(fh.fileno())
         os.replace(tmp_path, target)
         _fsync_dir(target.parent)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             if tmp_path.is_dir():
                 shutil.rmtree(tmp_path)
             else:
                 tmp_path.unlink()
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise WorkspaceError(
+                f"The disk is full: {target} could not be written; nothing was half-written. "
+                "Free some disk space and run the same command again."
+            ) from exc
         raise
 
 

@@ -7,6 +7,7 @@ every write is a transaction or a temp file renamed into place.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 
 import pytest
@@ -50,20 +51,16 @@ def _one_line_error(result, *pieces):
 
 def _fill(point):
     """Fill the file system to the last byte (what a full disk is)."""
-    with open(point / "filler", "wb") as fh:
-        try:
-            while True:
-                fh.write(b"\0" * 65536)
-                fh.flush()
-        except OSError:
-            pass
-    with open(point / "filler", "ab") as fh:
-        try:
-            while True:
-                fh.write(b"\0")
-                fh.flush()
-        except OSError:
-            pass
+    fd = os.open(point / "filler", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        for size in (65536, 1):
+            try:
+                while True:
+                    os.write(fd, b"\0" * size)
+            except OSError:
+                pass
+    finally:
+        os.close(fd)
 
 
 def test_full_disk_under_the_workspace_database_and_files(small_disk, tiny_gguf, tmp_path, monkeypatch):
@@ -80,10 +77,10 @@ def test_full_disk_under_the_workspace_database_and_files(small_disk, tiny_gguf,
     _one_line_error(run_cli("prompts", "import", str(big)), "Free some disk space")
     _one_line_error(run_cli("context", "add", "I also like jazz. " * 2000), "Free some disk space")
     assert checksum(ws_dir) == before
+    (point / "filler").unlink()  # space again: nothing was lost, and the same command now works
     ws = Workspace.open(ws_dir)
     assert ws.count("prompts") == 2 and ws.count("contexts") == 1
     ws.close()
-    (point / "filler").unlink()  # space again: the same command now works
     assert run_cli("context", "add", "I also like jazz.").exit_code == 0
 
 

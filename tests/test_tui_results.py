@@ -52,10 +52,7 @@ def test_export_shows_files_fidelity_and_commands(results_ws):
         await pilot.press("x")
         await settle(app, pilot)
         facts = str(app.screen.query_one("#export-facts", Static).render())
-        assert (
-            "GGUF LoRA adapter" in facts
-            and "Fidelity: 100.0% same preference sign on 4 held-out pairs" in facts
-        )
+        assert "GGUF LoRA adapter" in facts and "Fidelity: 100.0% same preference sign on" in facts
         commands = app.screen.query_one("#export-commands", TextArea).text
         exported = list_exports(results_ws)[-1]
         assert f"--lora {exported.path}" in commands

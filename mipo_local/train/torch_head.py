@@ -26,11 +26,16 @@ class HeadLogProbs(torch.autograd.Function):
             h, t = hidden[start : start + CHUNK_ROWS], targets[start : start + CHUNK_ROWS]
             # The matmul runs in the head's dtype (bf16 on the fast path); everything after it in fp32.
             logits = (h.to(weight.dtype) @ weight.T).float()
+            rows = torch.arange(len(t), device=t.device)
+            # A bf16 logit near 20 is rounded to a multiple of 1/16. The target's own logit, the one term not
+            # averaged away in the sum over tokens, is recomputed in fp32 (measured on the default model: the
+            # bf16-vs-fp32 error of a response's summed log-prob, std 0.36 nats -> 0.25; recomputing the top-16
+            # logits of the logsumexp too gained nothing: the rest comes from the bf16 layers).
+            logits[rows, t] = (h.float() * weight[t].float()).sum(-1)
             if softcap:
                 capped = torch.tanh(logits / softcap)
                 logits = softcap * capped
             lse = torch.logsumexp(logits, dim=-1)
-            rows = torch.arange(len(t), device=t.device)
             out.append(logits[rows, t] - lse)
             if want_grad:
                 g = torch.exp(logits - lse[:, None]).neg_()  # -softmax

@@ -18,7 +18,7 @@ from mipo_local.errors import TrainingError, UserInputError
 from mipo_local.progress import Log, Progress
 from mipo_local.settings import TrainSettings
 from mipo_local.train import runs
-from mipo_local.train.batching import epoch_order, pack_pairs, split_heldout
+from mipo_local.train.batching import PAD_TO, epoch_order, pack_pairs, split_heldout
 from mipo_local.train.checkpoints import checkpoint_dirs
 from mipo_local.train.loop import train
 from mipo_local.workspace import Workspace
@@ -55,12 +55,20 @@ def test_split_order_and_packing_are_pure_functions():
     assert epoch_order(10, 0, 1) == epoch_order(10, 0, 1) != epoch_order(10, 0, 2)
 
     p = pack_pairs([EncodedPair([1, 2], [3, 4], [5]), EncodedPair([6], [7], [8, 9])])
-    assert p.tokens.tolist() == [[1, 2, 3, 4, 5], [6, 7, 8, 9, 0]]  # one row per pair, padded
-    assert p.positions.tolist() == [[0, 1, 2, 3, 2], [0, 1, 1, 2, 0]]  # rejected restarts after the prompt
-    assert p.predictors.tolist() == [1, 2, 1, 5, 5, 7] and p.targets.tolist() == [3, 4, 5, 7, 8, 9]
+    w = p.tokens.shape[1]
+    assert w == PAD_TO and not p.tokens[:, 5:].any()  # one row per pair, padded to a multiple of PAD_TO
+    assert p.tokens[:, :5].tolist() == [[1, 2, 3, 4, 5], [6, 7, 8, 9, 0]]
+    assert p.positions[:, :5].tolist() == [[0, 1, 2, 3, 2], [0, 1, 1, 2, 0]]  # rejected restarts after prompt
+    assert p.predictors.tolist() == [1, 2, 1, w, w, w + 2] and p.targets.tolist() == [3, 4, 5, 7, 8, 9]
     assert p.owner.tolist() == [0, 0, 1, 2, 3, 3]
-    assert p.mask[0, 4].tolist() == [True, True, False, False, True]  # the rejected answer skips the chosen
-    assert p.mask[1, 4].tolist() == [False, False, False, False, True]  # padding sees only itself
+    assert p.mask[0, 4, :5].tolist() == [
+        True,
+        True,
+        False,
+        False,
+        True,
+    ]  # the rejected answer skips the chosen
+    assert p.mask[1, 4].tolist() == [False] * 4 + [True] + [False] * (w - 5)  # padding sees only itself
 
 
 def test_run_writes_adapter_heldout_and_log(tiny_workspace):

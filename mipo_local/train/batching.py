@@ -84,6 +84,11 @@ def micro_batches(items: list[TrainPair], size: int) -> list[list[TrainPair]]:
     return [ordered[i : i + size] for i in range(0, len(ordered), size)]
 
 
+PAD_TO = (
+    16  # rows are padded to a multiple of this: few distinct shapes, so memory is reused (RSS stays flat)
+)
+
+
 @dataclass
 class PackedPairs:
     """Pairs as model input: one row per pair, the shared prompt read once, rows padded to the longest.
@@ -105,6 +110,7 @@ class PackedPairs:
 
 def pack_pairs(pairs: list[EncodedPair]) -> PackedPairs:
     width = max(len(e.prompt) + len(e.chosen) + len(e.rejected) for e in pairs)
+    width = -(-width // PAD_TO) * PAD_TO
     n = len(pairs)
     tokens = np.zeros((n, width), np.int64)
     positions = np.zeros((n, width), np.int64)

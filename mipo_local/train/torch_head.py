@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-CHUNK_ROWS = 128  # 128 x 49k fp32 logits = 25 MB at a time
+CHUNK_ROWS = 32  # 32 x 49k fp32 logits = 6 MB at a time
 
 
 class HeadLogProbs(torch.autograd.Function):

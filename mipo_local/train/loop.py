@@ -23,7 +23,7 @@ import numpy as np
 
 from .. import modelsource
 from ..adapter_io import ADAPTER_FILE, save_adapter
-from ..errors import TrainingError, UserInputError
+from ..errors import MipoError, TrainingError, UserInputError
 from ..fsutil import atomic_dir, atomic_write_text, private_dir
 from ..pairs_store import list_pairs
 from ..progress import EtaClock, Log, Progress
@@ -328,7 +328,12 @@ def _train_run(ws, settings, run, model, pairs, resume) -> Generator[Progress | 
             yield Log(
                 "train", "Scoring held-out pairs in llama.cpp (base, base + adapter) for the export check."
             )
-            heldout = _llama_cpp_heldout(ws, tmp / ADAPTER_FILE, held_items, heldout, model, ref_args)
+            try:
+                heldout = _llama_cpp_heldout(ws, tmp / ADAPTER_FILE, held_items, heldout, model, ref_args)
+            except (MipoError, MemoryError) as err:
+                # Only a head start for the export's check, which computes what it needs itself: the trained
+                # adapter must not be lost over it.
+                yield Log("train", f"Skipped scoring the held-out pairs in llama.cpp ({err}).", "warning")
         (tmp / HELDOUT_FILE).write_text(json.dumps(heldout))
         (tmp / STATE_FILE).write_text(json.dumps({"step": step, "total": total}))
     summary = TrainSummary(run.name, step, len(train_items), len(held_items), final,

@@ -22,7 +22,8 @@ PRIVATE_FILE = 0o600
 _TEMP_NAME = re.compile(r"^\..+\.p(\d+)\.[^.]+\.part$")
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` on this machine is running (a zombie counts as gone)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -41,7 +42,7 @@ def remove_stale_temps(directory: Path) -> None:
     with contextlib.suppress(OSError):
         for entry in os.scandir(directory):
             m = _TEMP_NAME.match(entry.name)
-            if m is None or int(m.group(1)) == os.getpid() or _pid_alive(int(m.group(1))):
+            if m is None or int(m.group(1)) == os.getpid() or pid_alive(int(m.group(1))):
                 continue
             with contextlib.suppress(OSError):
                 if entry.is_dir(follow_symlinks=False):

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import JobBusyError, UserInputError, WorkspaceError
-from .fsutil import PRIVATE_FILE, private_dir
+from .fsutil import PRIVATE_FILE, pid_alive, private_dir
 
 DB_NAME = "mipo.db"
 
@@ -386,20 +386,8 @@ class Workspace:
 
 
 def _pid_alive(pid: int, lock_host: str, this_host: str) -> bool:
-    if lock_host != this_host:
-        return True  # cannot check another machine's process: assume it runs
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie child still answers kill(0); treat it as gone.
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().split(") ")[-1].split()[0] != "Z"
-    except OSError:
-        return True
+    # Another machine's process cannot be checked: assume it runs.
+    return lock_host != this_host or pid_alive(pid)
 
 
 def _split_sql(script: str) -> list[str]:

@@ -11,6 +11,7 @@ from mipo_local import pairs as mipo_pairs
 from mipo_local import pairs_store
 from mipo_local.errors import UserInputError
 from mipo_local.personas import negative_pool, persona_bank
+from mipo_local.progress import run_to_end
 from mipo_local.settings import PairSettings
 from tests.clihelp import run_cli
 
@@ -268,20 +269,12 @@ def test_import_reads_trl_conversational_forms(tmp_path):
     assert ws.count("pairs") == 4
 
 
-def _drain(gen):
-    while True:
-        try:
-            next(gen)
-        except StopIteration as stop:
-            return stop.value
-
-
 def test_regenerate_one_pair_with_a_fresh_seed(tiny_workspace, tmp_path):
     _fill(tiny_workspace)
     _run(tiny_workspace)
     before = {p.id: p for p in pairs_store.list_pairs(tiny_workspace)}
     target = sorted(before)[1]
-    assert _drain(mipo_pairs.regenerate_pair(tiny_workspace, target, seed=5)) == 5
+    assert run_to_end(mipo_pairs.regenerate_pair(tiny_workspace, target, seed=5)) == 5
     after = {p.id: p for p in pairs_store.list_pairs(tiny_workspace)}
     assert after.keys() == before.keys()
     new, old = after[target], before[target]
@@ -294,12 +287,12 @@ def test_regenerate_one_pair_with_a_fresh_seed(tiny_workspace, tmp_path):
     assert all(after[i] == before[i] for i in before if i != target)  # the others are untouched
     # The same seed reproduces the same answers; a later `pairs` run does not generate the pair again.
     first = (new.chosen, new.rejected)
-    _drain(mipo_pairs.regenerate_pair(tiny_workspace, target, seed=5))
+    run_to_end(mipo_pairs.regenerate_pair(tiny_workspace, target, seed=5))
     again = pairs_store.get_pair(tiny_workspace, target)
     assert (again.chosen, again.rejected) == first
     assert _run(tiny_workspace).generated == 0
     # A fresh random seed when none is given.
-    assert _drain(mipo_pairs.regenerate_pair(tiny_workspace, target)) != 5
+    assert run_to_end(mipo_pairs.regenerate_pair(tiny_workspace, target)) != 5
     assert tiny_workspace.running_jobs() == []
 
 
@@ -309,6 +302,6 @@ def test_regenerate_refuses_imported_and_unknown_pairs(tiny_workspace, tmp_path)
     pairs_store.import_jsonl(tiny_workspace, f)
     imported = pairs_store.list_pairs(tiny_workspace)[0].id
     with pytest.raises(UserInputError, match=f"Pair {imported} was imported"):
-        _drain(mipo_pairs.regenerate_pair(tiny_workspace, imported))
+        run_to_end(mipo_pairs.regenerate_pair(tiny_workspace, imported))
     with pytest.raises(UserInputError, match="no pair with id 999"):
-        _drain(mipo_pairs.regenerate_pair(tiny_workspace, 999))
+        run_to_end(mipo_pairs.regenerate_pair(tiny_workspace, 999))

@@ -187,9 +187,14 @@ def pull(repo: str, filename: str) -> Path:
     """Download a GGUF from the Hugging Face Hub into the user's HF cache (the only network access)."""
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.utils import logging as hub_logging
 
     if not filename.endswith(".gguf"):
         raise UserInputError(f"--file {filename} is not a .gguf file; mipo-local works on GGUF models only.")
+    # Without a network huggingface_hub retries for ~25 s and logs a warning per try on stderr; the user
+    # should see only our one sentence below (its download progress bar is not logging and still shows).
+    verbosity = hub_logging.get_verbosity()
+    hub_logging.set_verbosity_error()
     try:
         return Path(hf_hub_download(repo_id=repo, filename=filename, cache_dir=hf_hub_cache()))
     except LocalEntryNotFoundError as err:
@@ -204,6 +209,8 @@ def pull(repo: str, filename: str) -> Path:
         raise NetworkError(f"The repository '{repo}' has no file '{filename}'.") from err
     except OSError as err:  # connection errors surface as OSError subclasses
         raise NetworkError(f"Cannot download {repo}/{filename}: {err}.") from err
+    finally:
+        hub_logging.set_verbosity(verbosity)
 
 
 # -- spec resolution -------------------------------------------------------------------------------------

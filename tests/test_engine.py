@@ -33,6 +33,22 @@ def test_batched_generation_returns_every_request_and_is_seeded(engine, tiny_ggu
     assert len({tuple(t) for t in first.values()}) > 1  # different seeds/prompts give different answers
 
 
+def test_generation_decodes_many_sequences_in_each_llama_decode_call(engine, tiny_gguf, monkeypatch):
+    """Batched for real: one llama_decode per step carries a token of every active sequence."""
+    calls = []
+    decode = engine._lc.llama_decode
+
+    def counting(ctx, batch):
+        calls.append({batch.seq_id[i][0] for i in range(batch.n_tokens)})
+        return decode(ctx, batch)
+
+    monkeypatch.setattr(engine._lc, "llama_decode", counting)
+    results = list(engine.generate(_requests(tiny_gguf, 8)))
+    generated = sum(len(r.tokens) for r in results)
+    assert max(map(len, calls)) == 8  # all 8 requests side by side in one batch
+    assert len(calls) <= max(len(r.tokens) for r in results) + 1 < generated  # not one call per token
+
+
 def test_score_equals_direct_llama_cpp_logprobs(engine, tiny_gguf):
     cf = chat_format(str(tiny_gguf))
     prompt = cf.prompt_ids("I am Ana.", "Hi?")

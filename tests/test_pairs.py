@@ -130,14 +130,20 @@ def test_bad_input(tiny_workspace, tmp_path):
 def test_model_removed_since_init(ws_dir, tiny_gguf, tmp_path):
     import shutil
 
+    from tests.faulthelp import checksum
+
     copy = tmp_path / "copy.gguf"
     shutil.copy(tiny_gguf, copy)
     assert run_cli("init", "--model", str(copy)).exit_code == 0
     run_cli("context", "add", "I am Ana.")
     run_cli("prompts", "add", "Q?")
+    assert run_cli("pairs", "--max-tokens", "8").exit_code == 0
+    run_cli("prompts", "add", "Another question?")
     copy.unlink()
-    r = run_cli("pairs")
+    before = checksum(ws_dir)
+    r = run_cli("pairs", "--max-tokens", "8")
     assert r.exit_code != 0 and "was removed since `mipo-local init`" in r.stderr
+    assert r.stderr.count("\n") == 1 and checksum(ws_dir) == before  # one line; the pair made before is kept
 
 
 def test_jsonl_round_trip_is_identical(tiny_workspace, tmp_path):
@@ -225,6 +231,14 @@ def test_default_model_16_prompts_give_16_scored_distinct_pairs(ws_dir, default_
     pairs = pairs_store.list_pairs(Workspace.open(ws_dir))
     assert len(pairs) == 16
     assert all(p.scores and p.chosen != p.rejected for p in pairs)
+    # `init && status` shows the default model ready; the exported JSONL loads back identically.
+    assert "Base model: SmolLM2-135M-Instruct [llama, 135M params] ready" in run_cli("status").stdout
+    out, again, other = ws_dir.parent / "pairs.jsonl", ws_dir.parent / "again.jsonl", ws_dir.parent / "other"
+    assert run_cli("pairs", "export", str(out)).exit_code == 0
+    assert run_cli("--workspace", str(other), "init").exit_code == 0
+    assert "Imported 16 pairs" in run_cli("--workspace", str(other), "pairs", "import", str(out)).stdout
+    assert run_cli("--workspace", str(other), "pairs", "export", str(again)).exit_code == 0
+    assert again.read_text() == out.read_text()
 
 
 def test_import_reads_trl_conversational_forms(tmp_path):

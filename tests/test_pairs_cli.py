@@ -1,6 +1,7 @@
 """`mipo-local pairs ...` and `mipo-local prompts synth`, run through the real CLI entry point."""
 
 import json
+import re
 
 import pytest
 
@@ -25,7 +26,7 @@ def test_generate_list_show_rm(ws_dir, tiny_gguf):
     r = run_cli("pairs", *FAST, "--seed", "3")
     assert r.exit_code == 0, r.output
     assert "3 new pairs (0 already done" in r.stdout and "3 pairs in the workspace" in r.stdout
-    assert "pairs [" in r.stderr  # the progress bar
+    assert "pairs [" in r.stderr and re.search(r" ETA \d+:\d\d", r.stderr)  # the progress bar and its ETA
     r = run_cli("pairs", *FAST, "--seed", "3")
     assert "0 new pairs (3 already done" in r.stdout
     listing = run_cli("pairs", "list").stdout
@@ -176,8 +177,8 @@ def test_synth_on_the_tiny_model_stores_only_clean_questions(ws_dir, tiny_gguf):
 
 
 def test_every_command_has_help():
-    for args in (["pairs"], ["pairs", "list"], ["pairs", "show"], ["pairs", "rm"], ["pairs", "export"],
-                 ["pairs", "import"], ["prompts", "synth"]):  # fmt: skip
+    for args in (["pairs"], ["pairs", "list"], ["pairs", "show"], ["pairs", "rm"], ["pairs", "regenerate"],
+                 ["pairs", "export"], ["pairs", "import"], ["prompts", "synth"]):  # fmt: skip
         r = run_cli(*args, "--help")
         assert r.exit_code == 0 and len(r.stdout.split("\n\n")[1].strip()) > 20, args
     text = run_cli("pairs", "--help").stdout

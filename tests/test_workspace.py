@@ -32,6 +32,23 @@ def test_newer_schema_is_refused(ws_dir):
         Workspace.open(ws_dir)
 
 
+def test_an_older_schema_is_migrated_forward_keeping_its_rows(ws_dir):
+    from mipo_local.workspace import MIGRATIONS, _split_sql
+
+    ws_dir.mkdir(mode=0o700)
+    con = sqlite3.connect(ws_dir / "mipo.db")  # a workspace written by the first release (schema 1)
+    for statement in _split_sql(MIGRATIONS[0]):
+        con.execute(statement)
+    con.execute("INSERT INTO contexts(text, created_at, updated_at) VALUES ('I am Ana.', 0, 0)")
+    con.execute("PRAGMA user_version = 1")
+    con.commit()
+    con.close()
+    ws = Workspace.open(ws_dir)
+    assert ws.query("PRAGMA user_version")[0][0] == SCHEMA_VERSION > 1
+    assert [c.text for c in ws.contexts()] == ["I am Ana."]
+    assert ws.query("SELECT COUNT(*) FROM pair_skips")[0][0] == 0  # a table added by a later migration
+
+
 def test_resolution_order(tmp_path, monkeypatch):
     monkeypatch.setenv("MIPO_LOCAL_HOME", str(tmp_path / "env"))
     assert resolve_workspace_dir(tmp_path / "flag") == (tmp_path / "flag").resolve()

@@ -7,7 +7,7 @@ through llama.cpp with the profile in the system turn, and so does the base mode
 (the paper's strongest baseline, "personalized prompting"). The score is the share of answers that satisfy
 the profile's check. Drift on neutral text comes from `mipo-local eval`.
 
-    python bench/quality.py [--profiles greet,french,...] [--pairs-args "..."] [--train-args "..."]
+    python bench/quality.py [--profiles greet,french,...] [--pairs-args "..."] [--train-args "..."] [--judge J.gguf]
 
 Sampling follows the paper (temperature 0.1, top_p 0.9) unless --temperature says otherwise. Every knob of
 pairs/train can be passed through, so one variable at a time can be measured with fixed seeds.
@@ -23,6 +23,7 @@ import shlex
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -38,6 +39,12 @@ QUESTIONS = [
     "How do I clean my kitchen quickly?", "What music should I listen to while working?",
     "How do I plan a picnic?", "How do I make friends in a new city?", "What is a good hobby to start?",
     "How can I cook rice perfectly?", "How do I take better photos with my phone?", "How do I fix a slow laptop?",
+    "What should I read about history?", "How do I get better at chess?", "What is a good way to spend a Sunday?",
+    "How do I choose a good bike?", "How can I learn to draw?", "What should I bring to a dinner party?",
+    "How do I keep my home tidy?", "What is a simple soup recipe?", "How do I start journaling?",
+    "How can I be more productive in the morning?", "What is a good board game for a family?",
+    "How do I care for a cat?", "What should I wear to a wedding?", "How do I learn to swim as an adult?",
+    "What is a good podcast topic to explore?", "How do I make a budget?",
 ]  # fmt: skip
 
 
@@ -95,31 +102,91 @@ def answers(
     return [out[i] for i in range(len(prompts))]
 
 
+def positives_probe(guidances: list[float], n_prompts: int, max_tokens: int, temperature: float) -> None:
+    """The pairs' signal, without training: the share of sampled positives y+ that satisfy the profile's wish,
+    per guidance strength g, sampled as `mipo-local pairs` does (c' a random persona from the bank)."""
+    import numpy as np
+
+    from mipo_local.chat import chat_format
+    from mipo_local.engine import Engine, GenRequest
+    from mipo_local.modelsource import prepare_default
+    from mipo_local.personas import negative_pool
+
+    model = str(prepare_default())
+    cf = chat_format(model)
+    print("| guidance g | " + " | ".join(p.name for p in PROFILES) + " | mean |")
+    print("|---" * (len(PROFILES) + 2) + "|")
+    with Engine(model, n_seq=16, ctx_per_seq=512) as eng:
+        for g in guidances:
+            rng = np.random.default_rng(0)
+            reqs = []
+            for prof in PROFILES:
+                pool = negative_pool(prof.context, [])
+                for i, q in enumerate(QUESTIONS[:n_prompts]):
+                    neg = pool[int(rng.integers(len(pool)))]
+                    reqs.append(
+                        GenRequest(
+                            cf.prompt_ids(prof.context, q),
+                            max_tokens=max_tokens,
+                            temperature=temperature,
+                            top_p=0.9,
+                            seed=i,
+                            id=(prof.name, i),
+                            guide_prompt=cf.prompt_ids(neg, q),
+                            guidance=g,
+                        )
+                    )
+            out = {r.id: r.text for r in eng.generate(reqs)}
+            rates = [np.mean([p.check(out[(p.name, i)]) for i in range(n_prompts)]) for p in PROFILES]
+            print(
+                f"| {g:g} | " + " | ".join(f"{r:.2f}" for r in rates) + f" | **{np.mean(rates):.2f}** |",
+                flush=True,
+            )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profiles", default=",".join(p.name for p in PROFILES))
-    ap.add_argument("--train-prompts", type=int, default=24)
-    ap.add_argument("--pairs-args", default="--per-prompt 2", help="extra flags for `mipo-local pairs`")
+    ap.add_argument("--train-prompts", type=int, default=24, help="the rest of the 48 questions are held out")
+    # Two pairs per training prompt (48 pairs a profile) and 128-token answers keep a profile near 6 minutes
+    # here; everything else is mipo-local's own default, so the table measures what `mipo-local run` does.
     ap.add_argument(
-        "--train-args",
-        default="--epochs 3 --lr 5e-5 --rank 16 --alpha 32",
-        help="extra flags for `mipo-local train`",
+        "--pairs-args", default="--per-prompt 2 --max-tokens 128", help="extra flags for `mipo-local pairs`"
     )
+    ap.add_argument("--train-args", default="--epochs 2", help="extra flags for `mipo-local train`")
     ap.add_argument("--temperature", type=float, default=0.1)
+    ap.add_argument("--judge", default=None, help="a judge GGUF: also report its win rate, MIPO vs prompting")
     ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument(
+        "--positives",
+        default=None,
+        metavar="G1,G2,...",
+        help="only measure how often sampled positives carry the wish, per guidance g (no training)",
+    )
     args = ap.parse_args()
+    if args.positives:
+        guidances = [float(g) for g in args.positives.split(",")]
+        return positives_probe(guidances, args.train_prompts, 128, args.temperature)
     chosen = [p for p in PROFILES if p.name in args.profiles.split(",")]
     train_q, held_q = QUESTIONS[: args.train_prompts], QUESTIONS[args.train_prompts :]
     rows = []
     for prof in chosen:
         root = tempfile.mkdtemp(prefix=f"mipo-quality-{prof.name}-")
         env = {**os.environ, "MIPO_LOCAL_HOME": root}
-        mipo(env, "init")
+        seconds = {}
+
+        def stage(name: str, *cmd: str, env=env, seconds=seconds) -> str:
+            t0 = time.monotonic()
+            out = mipo(env, *cmd)
+            seconds[name] = round(time.monotonic() - t0)
+            return out
+
+        stage("init", "init")
         mipo(env, "context", "add", prof.context)
         mipo(env, "prompts", "add", *train_q)
-        mipo(env, "pairs", *shlex.split(args.pairs_args))
-        mipo(env, "train", "--run", "q", *shlex.split(args.train_args))
-        mipo(env, "export", "--run", "q", "--no-verify")
+        stage("pairs", "pairs", *shlex.split(args.pairs_args))
+        stage("train", "train", "--run", "q", *shlex.split(args.train_args))
+        stage("export", "export", "--run", "q", "--no-verify")
         from mipo_local.evaluate import export_engine_args, latest_export
         from mipo_local.modelsource import base_model
         from mipo_local.workspace import Workspace
@@ -129,22 +196,45 @@ def main() -> None:
         path, lora = export_engine_args(ws, latest_export(ws))
         tuned = answers(str(path), str(lora) if lora else None, prof.context, held_q, args.temperature, base)
         prompted = answers(base, None, prof.context, held_q, args.temperature, base)
-        drift_line = mipo(env, "eval", "--n", "8", "--no-plot")
+        drift_line = stage("eval", "eval", "--n", "8", "--no-plot")
         drift = re.search(r"drift\s+([+-]?[\d.]+)%", drift_line)
+        judge = None
+        if args.judge:
+            from pathlib import Path
+
+            from mipo_local.evaluate import judge_answers
+
+            mine, theirs = judge_answers(
+                Path(args.judge), [(prof.context, q) for q in held_q], tuned, prompted
+            )
+            judge = sum((a > b) + 0.5 * (a == b) for a, b in zip(mine, theirs, strict=True)) / len(held_q)
         row = {
             "profile": prof.name,
+            "judge_win_rate": judge,
             "base_prompted": sum(map(prof.check, prompted)) / len(held_q),
             "mipo": sum(map(prof.check, tuned)) / len(held_q),
             "drift_pct": float(drift.group(1)) if drift else None,
+            "seconds": seconds,
         }
         rows.append(row)
         print(json.dumps(row), flush=True)
-    print("\n| profile | base + context prompt | MIPO export + context | drift |\n|---|---|---|---|")
+    judged = args.judge is not None
+    print(
+        "\n| profile | base + context prompt | MIPO export + context | drift |"
+        + (" judge win rate |" if judged else "")
+        + "\n|---|---|---|---|"
+        + ("---|" if judged else "")
+    )
     for r in rows:
-        print(f"| {r['profile']} | {r['base_prompted']:.2f} | {r['mipo']:.2f} | {r['drift_pct']}% |")
+        cell = f" {r['judge_win_rate']:.2f} |" if judged else ""
+        print(f"| {r['profile']} | {r['base_prompted']:.2f} | {r['mipo']:.2f} | {r['drift_pct']}% |{cell}")
     mean_b = sum(r["base_prompted"] for r in rows) / len(rows)
     mean_m = sum(r["mipo"] for r in rows) / len(rows)
-    print(f"| **mean** | **{mean_b:.2f}** | **{mean_m:.2f}** (x{mean_m / max(mean_b, 1e-9):.2f}) | |")
+    drifts = [r["drift_pct"] for r in rows if r["drift_pct"] is not None]
+    mean_d = f"{sum(drifts) / len(drifts):+.2f}%" if drifts else "n/a"
+    print(
+        f"| **mean** | **{mean_b:.2f}** | **{mean_m:.2f}** (x{mean_m / max(mean_b, 1e-9):.2f}) | {mean_d} |"
+    )
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(rows, fh, indent=2)

@@ -37,6 +37,11 @@ class GenRequest:
     top_p: float = 0.9
     seed: int = 0
     id: object = None
+    # Context-contrastive sampling: with a guide prompt (the same question under another context) and
+    # guidance g > 0, tokens are drawn from p(y|prompt) * [p(y|prompt) / p(y|guide)]^g, restricted to tokens
+    # the prompt itself finds plausible. It tilts the answer towards what the prompt's context changes.
+    guide_prompt: list[int] | None = None
+    guidance: float = 0.0
 
 
 @dataclass
@@ -56,6 +61,24 @@ class _Slot:
     tokens: list[int] = field(default_factory=list)
     pending: list[int] = field(default_factory=list)  # tokens to feed at the next decode
     batch_index: int = -1  # row of the last fed token in the batch (its logits)
+    guide_seq: int | None = None  # the sequence reading the guide prompt, when the request has one
+    guide_pending: list[int] = field(default_factory=list)
+    guide_pos: int = 0
+    guide_index: int = -1
+
+
+# Guided sampling keeps only tokens at least this likely, relative to the best one, under the main prompt:
+# without it, tokens that are unlikely under both prompts but far less so under the guide get amplified.
+GUIDE_PLAUSIBLE_LOG = np.log(0.01)
+
+
+def guided_logits(main: np.ndarray, guide: np.ndarray, guidance: float) -> np.ndarray:
+    """(1 + g) log p(.|main) - g log p(.|guide), with implausible tokens (under main) masked out."""
+    lp_main = main - np.log(np.exp(main - main.max()).sum()) - main.max()
+    lp_guide = guide - np.log(np.exp(guide - guide.max()).sum()) - guide.max()
+    out = (1.0 + guidance) * lp_main - guidance * lp_guide
+    out[lp_main < lp_main.max() + GUIDE_PLAUSIBLE_LOG] = -np.inf
+    return out
 
 
 def sample_token(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> int:
@@ -75,6 +98,17 @@ def sample_token(logits: np.ndarray, temperature: float, top_p: float, rng: np.r
         keep = int(np.searchsorted(np.cumsum(probs), top_p)) + 1
         top, probs = top[:keep], probs[:keep] / probs[:keep].sum()
     return int(top[rng.choice(len(top), p=probs)])
+
+
+def _guided(req: GenRequest) -> bool:
+    return bool(req.guide_prompt) and req.guidance > 0
+
+
+def _feed(entries: list, tokens: list[int], pos: int, seq: int) -> tuple[int, int]:
+    """Append a sequence's pending tokens to a batch; returns (row of its last token, next position)."""
+    for j, tok in enumerate(tokens):
+        entries.append((tok, pos + j, seq, j == len(tokens) - 1))
+    return len(entries) - 1, pos + len(tokens)
 
 
 def log_softmax(rows: np.ndarray) -> np.ndarray:
@@ -214,10 +248,13 @@ class Engine:
         """Sample answers for all requests, n_seq at a time; yields each result as it finishes."""
         limit = self.ctx_per_seq
         for r in requests:
-            if len(r.prompt) + 1 > limit:
-                raise TooLongError(
-                    f"A prompt of {len(r.prompt)} tokens does not fit the {limit}-token context per sequence."
-                )
+            for prompt in (r.prompt, r.guide_prompt or []):
+                if len(prompt) + 1 > limit:
+                    raise TooLongError(
+                        f"A prompt of {len(prompt)} tokens does not fit the {limit}-token context per sequence."
+                    )
+        if any(_guided(r) for r in requests) and self.n_seq < 2:
+            raise ValueError("guided sampling needs an engine with at least two sequences")
         # An empty cache for every call: where cells land in the unified KV cache changes the float results,
         # so each call must start from the same state to be reproducible (resume depends on it).
         self._lc.llama_memory_clear(self.mem, True)
@@ -226,42 +263,58 @@ class Engine:
         free = list(range(self.n_seq))[::-1]
         while queue or slots:
             # Admit new requests into free slots while their prompts fit one batch.
-            budget = self.n_batch - len(slots)
-            while queue and free and len(queue[-1].prompt) <= budget:
+            budget = self.n_batch - sum(1 + (s.guide_seq is not None) for s in slots.values())
+            while queue and free:
                 req = queue.pop()
+                need = len(req.prompt) + (len(req.guide_prompt) if _guided(req) else 0)
+                if need > budget or (_guided(req) and len(free) < 2):
+                    queue.append(req)
+                    break
                 seq = free.pop()
                 self._clear(seq)
-                slots[seq] = _Slot(req, np.random.default_rng(req.seed), pending=list(req.prompt))
-                budget -= len(req.prompt)
+                slot = _Slot(req, np.random.default_rng(req.seed), pending=list(req.prompt))
+                if _guided(req):
+                    slot.guide_seq = free.pop()
+                    self._clear(slot.guide_seq)
+                    slot.guide_pending = list(req.guide_prompt)
+                slots[seq] = slot
+                budget -= need
             entries: list[tuple[int, int, int, bool]] = []
             for seq, slot in slots.items():
-                for j, tok in enumerate(slot.pending):
-                    last = j == len(slot.pending) - 1
-                    entries.append((tok, slot.pos, seq, last))
-                    if last:
-                        slot.batch_index = len(entries) - 1
-                    slot.pos += 1
+                slot.batch_index, slot.pos = _feed(entries, slot.pending, slot.pos, seq)
                 slot.pending = []
+                if slot.guide_seq is not None:
+                    slot.guide_index, slot.guide_pos = _feed(
+                        entries, slot.guide_pending, slot.guide_pos, slot.guide_seq
+                    )
+                    slot.guide_pending = []
             self._decode(entries)
             for seq in list(slots):
                 slot = slots[seq]
                 req = slot.request
-                tok = sample_token(self._logits(slot.batch_index), req.temperature, req.top_p, slot.rng)
+                logits = self._logits(slot.batch_index)
+                if slot.guide_seq is not None:
+                    logits = guided_logits(logits, self._logits(slot.guide_index), req.guidance)
+                tok = sample_token(logits, req.temperature, req.top_p, slot.rng)
                 reason = None
                 if self.is_eog(tok):
                     reason = "stop"
                 else:
                     slot.tokens.append(tok)
-                    if len(slot.tokens) >= req.max_tokens or slot.pos + 1 >= limit:
+                    longest = max(slot.pos, slot.guide_pos)
+                    if len(slot.tokens) >= req.max_tokens or longest + 1 >= limit:
                         reason = "length"
                 if reason:
                     del slots[seq]
                     free.append(seq)
+                    if slot.guide_seq is not None:
+                        free.append(slot.guide_seq)
                     yield GenResult(
                         req.id, slot.tokens, self.detokenize(slot.tokens), reason, len(req.prompt)
                     )
                 else:
                     slot.pending = [tok]
+                    slot.guide_pending = [tok] if slot.guide_seq is not None else []
 
     def stream(
         self,

@@ -134,7 +134,7 @@ def _answers(engine, cf, items, settings: EvalSettings) -> list[str]:
     return [out[i] for i in range(len(items))]
 
 
-def _judge(path: Path, items, answers_a, answers_b) -> tuple[list[int], list[int]]:
+def judge_answers(path: Path, items, answers_a, answers_b) -> tuple[list[int], list[int]]:
     from .engine import Engine
 
     cf = chat_format(str(path))
@@ -237,7 +237,7 @@ def evaluate(
         judge_summary, judge_scores = None, (None, None)
         if judge is not None:
             yield Log("eval", f"Judging {len(items)} answer pairs with {Path(judge).name}...")
-            p_scores, b_scores = _judge(
+            p_scores, b_scores = judge_answers(
                 Path(judge), items, results["personalized"]["answers"], results["base"]["answers"]
             )
             judge_scores = (float(np.mean(p_scores)), float(np.mean(b_scores)))

@@ -27,6 +27,9 @@ class PairSettings:
     score: bool = True  # store log p(y|c,x) and log p(y|c',x) for both sides
     min_pmi: float | None = None  # drop pairs whose positive PMI margin is below this
     candidates: int = 1  # >1: sample K per side and keep the best-PMI positive / worst negative
+    # Context-contrastive sampling of the positive: y+ ~ p(y|c,x)[p(y|c,x)/p(y|c',x)]^g token by token, the
+    # per-token form of MIPO's pointwise MI. 0 samples plainly, as the paper does; bench/README.md shows why 1.
+    guidance: float = 1.0
     batch_size: int = 16  # sequences decoded together in one llama.cpp batch
 
 

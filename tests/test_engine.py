@@ -116,3 +116,51 @@ def test_shared_prompts_are_read_once_and_score_as_if_alone(engine, tiny_gguf):
         assert a.shape == (len(response),)
         np.testing.assert_allclose(a, b, atol=1e-3)  # measured: up to 1.5e-4, float noise of the batch shape
     assert engine.token_logprobs([(items[0][0], [])])[0].shape == (0,)
+
+
+def test_guided_logits_are_the_pointwise_mi_tilt_over_plausible_tokens():
+    from mipo_local.engine import GUIDE_PLAUSIBLE_LOG, guided_logits
+
+    rng = np.random.default_rng(0)
+    main, guide = rng.normal(0, 3, 50).astype(np.float32), rng.normal(0, 3, 50).astype(np.float32)
+    out = guided_logits(main, guide, 1.5)
+    lp_m, lp_g = log_softmax(main[None])[0], log_softmax(guide[None])[0]
+    plausible = lp_m >= lp_m.max() + GUIDE_PLAUSIBLE_LOG
+    assert np.allclose(out[plausible], 2.5 * lp_m[plausible] - 1.5 * lp_g[plausible], atol=1e-4)
+    assert np.isneginf(out[~plausible]).all() and (~plausible).any()
+
+
+def test_guidance_against_the_same_prompt_is_plain_greedy_decoding(engine, tiny_gguf):
+    """The guide sequence runs in lockstep: contrasted with itself, the tilt cancels and greedy stays greedy."""
+    plain = _requests(tiny_gguf, 5, temperature=0.0)
+    guided = [GenRequest(**{**r.__dict__, "guide_prompt": r.prompt, "guidance": 2.0}) for r in plain]
+    assert {r.id: r.tokens for r in engine.generate(guided)} == {
+        r.id: r.tokens for r in engine.generate(plain)
+    }
+
+
+def test_guidance_raises_the_answers_pointwise_mi(engine, tiny_gguf):
+    cf = chat_format(str(tiny_gguf))
+    questions = [f"What should I cook on day {i}?" for i in range(8)]
+    user, other = "I am Ana, a vegan chef in Lisbon.", "I am Bo, a retired pilot in Oslo who loves jazz."
+
+    def mean_pmi(guidance):
+        reqs = [
+            GenRequest(
+                cf.prompt_ids(user, q),
+                max_tokens=12,
+                temperature=0.8,
+                seed=i,
+                id=i,
+                guide_prompt=cf.prompt_ids(other, q),
+                guidance=guidance,
+            )
+            for i, q in enumerate(questions)
+        ]
+        out = {r.id: r.tokens for r in engine.generate(reqs)}
+        with_c = engine.score_many([(cf.prompt_ids(user, q), out[i]) for i, q in enumerate(questions)])
+        with_o = engine.score_many([(cf.prompt_ids(other, q), out[i]) for i, q in enumerate(questions)])
+        return float(np.mean(np.array(with_c) - np.array(with_o)))
+
+    # The tiny random model barely reacts to its system turn (plain PMI ~0.00); guidance still moves it.
+    assert mean_pmi(3.0) > mean_pmi(0.0) + 0.1

@@ -319,3 +319,20 @@ def test_regenerate_refuses_imported_and_unknown_pairs(tiny_workspace, tmp_path)
         run_to_end(mipo_pairs.regenerate_pair(tiny_workspace, imported))
     with pytest.raises(UserInputError, match="no pair with id 999"):
         run_to_end(mipo_pairs.regenerate_pair(tiny_workspace, 999))
+
+
+def test_guided_pairs_are_recorded_keyed_apart_and_reproducible(tiny_workspace, tmp_path, tiny_gguf):
+    from mipo_local import modelsource
+    from mipo_local.workspace import Workspace
+
+    guided = PairSettings(**{**FAST.__dict__, "guidance": 1.5})
+    _fill(tiny_workspace, n_prompts=3)
+    _run(tiny_workspace)
+    assert _run(tiny_workspace, guided).generated == 3  # a different recipe: new keys, nothing reused
+    pairs = [p for p in pairs_store.list_pairs(tiny_workspace) if p.settings["guidance"] == 1.5]
+    assert len(pairs) == 3 and all(p.scores is not None for p in pairs)
+    other = Workspace.open(tmp_path / "other", create=True)
+    modelsource.set_base_model(other, str(tiny_gguf))
+    _fill(other, n_prompts=3)
+    _run(other, guided)
+    assert _pair_view(other) == [(p.pair_key, p.chosen, p.rejected, p.neg_context, p.neg_prompt) for p in pairs]

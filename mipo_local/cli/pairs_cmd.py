@@ -29,6 +29,12 @@ from .common import drive, open_workspace, table
     help="Answers sampled per side; the best-PMI positive and worst negative are kept (default: 1).",
 )
 @click.option(
+    "--guidance",
+    type=float,
+    default=None,
+    help="Context-contrastive sampling strength g: y+ ~ p(y|c,x)[p(y|c,x)/p(y|c',x)]^g (0: plain sampling).",
+)
+@click.option(
     "--temperature", type=float, default=None, help="Sampling temperature (default: 0.1, as in the paper)."
 )
 @click.option("--top-p", type=float, default=None, help="Nucleus sampling (default: 0.9).")

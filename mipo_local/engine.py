@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UserInputError
+from .fsutil import usable_cores
 from .llama_loader import load_llama
 
 
@@ -150,7 +151,7 @@ class Engine:
         self.path = Path(gguf_path)
         self.n_seq = n_seq
         self.ctx_per_seq = ctx_per_seq
-        threads = n_threads or os.cpu_count() or 1
+        threads = n_threads or usable_cores()
         # The Llama object owns the model (and the adapter); we run our own multi-sequence context on it.
         self.llm = load_llama(
             self.path,

@@ -162,3 +162,12 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (taskset, cgroup cpusets), not the machine's count: llama.cpp's
+    threads spin at every barrier, so one thread more than there are cores slows decoding many times over."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS has no affinity masks
+        return os.cpu_count() or 1

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from .errors import ExportError, UserInputError
-from .fsutil import PRIVATE_FILE
+from .fsutil import PRIVATE_FILE, usable_cores
 from .settings import QUANT_TYPES
 
 AUTO_THRESHOLD_PARAMS = 1_000_000_000
@@ -69,7 +69,7 @@ def quantize(
     _quiet()  # llama.cpp's per-tensor log lines go to Python logging, not the terminal
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = _ftype(quant)
-    params.nthread = threads or os.cpu_count() or 1
+    params.nthread = threads or usable_cores()
     target = Path(target)
     rc = llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), params)
     if rc != 0 or not target.is_file():

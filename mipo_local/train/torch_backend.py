@@ -1,4 +1,4 @@
-"""The torch backend: transformers' GGUF loader + PEFT LoRA, on CUDA or CPU.
+"""The torch backend: transformers models fed from the GGUF (torch_load.py) + PEFT LoRA, on CUDA or CPU.
 
 Where the time and memory go, and what this file does about it:
 - bf16 where the hardware has it (CUDA, CPUs with AVX512-BF16/AMX): frozen matrices stored in bf16, LoRA
@@ -6,6 +6,8 @@ Where the time and memory go, and what this file does about it:
 - one row per pair, the shared prompt read once for both answers (batching.pack_pairs), no padding waste;
 - the 49k-wide output head only at response positions, fused with the log-prob (torch_head.py);
 - no second model for the reference: the adapter is switched off instead;
+- the model is filled from the GGUF one tensor at a time (torch_load.py): the load peaks at the model plus
+  one tensor, not at transformers' model + full fp32 state dict;
 - optional activation (gradient) checkpointing.
 """
 
@@ -56,22 +58,6 @@ def gguf_permute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-@contextlib.contextmanager
-def _quiet_gguf_conversion():
-    """transformers' GGUF loader draws a tqdm bar on stderr; library code must not print."""
-    from functools import partial
-
-    from tqdm.auto import tqdm
-    from transformers import modeling_gguf_pytorch_utils as gguf_utils
-
-    saved = gguf_utils.tqdm
-    gguf_utils.tqdm = partial(tqdm, disable=True)
-    try:
-        yield
-    finally:
-        gguf_utils.tqdm = saved
-
-
 class TorchBackend(Backend):
     name = "torch"
 
@@ -86,8 +72,9 @@ class TorchBackend(Backend):
         import torch
         from peft import LoraConfig as PeftLoraConfig
         from peft import get_peft_model
-        from transformers import AutoModelForCausalLM
         from transformers.utils import logging as hf_logging
+
+        from .torch_load import load_causal_lm
 
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
@@ -113,10 +100,7 @@ class TorchBackend(Backend):
         # autocast to cast on every pass); fp32 where bf16 is slow or when asked for exact numbers.
         dtype = torch.bfloat16 if self.bf16 else torch.float32
         try:
-            with _quiet_gguf_conversion():
-                model = AutoModelForCausalLM.from_pretrained(
-                    str(base_gguf.parent), gguf_file=base_gguf.name, dtype=dtype, attn_implementation="sdpa"
-                )
+            model = load_causal_lm(base_gguf, dtype)
         except (ValueError, KeyError, NotImplementedError, OSError) as err:
             raise ModelError(
                 f"transformers cannot load {base_gguf.name} ({info.architecture}) for training: {err}"

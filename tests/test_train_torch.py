@@ -12,6 +12,7 @@ from mipo_local.errors import TrainingError
 from mipo_local.train.backend import LoraConfig, LoraTensor, PairBatch
 from mipo_local.train.torch_backend import TorchBackend, gguf_permute_rows, gguf_unpermute_rows
 from mipo_local.train.torch_head import head_logprobs
+from mipo_local.train.torch_mlp import GatedActivation
 
 # Summed response log-probs, torch vs llama.cpp on the same GGUF (measured on these pairs, 3-30 tokens):
 #   tiny F32 model, torch fp32: max |diff| ~2e-5 nats      -> TOL_FP32 = 1e-3
@@ -86,6 +87,21 @@ def test_fused_head_matches_autograd_of_log_softmax():
         (plain * g).sum().backward()
         assert torch.allclose(head_logprobs(h, w, t, softcap), plain, atol=1e-5)
         assert torch.allclose(fused, h.grad, atol=1e-5)
+
+
+def test_gated_activation_matches_autograd():
+    """The MLP's act(gate) * up node, which recomputes act in the backward pass, gives autograd's gradients."""
+    torch.manual_seed(0)
+    for act in (torch.nn.functional.silu, lambda x: torch.nn.functional.gelu(x, approximate="tanh")):
+        for dtype in (torch.float32, torch.bfloat16):
+            gate, up = (torch.randn(7, 24, dtype=dtype, requires_grad=True) for _ in range(2))
+            g = torch.randn(7, 24, dtype=dtype)
+            fused_out = GatedActivation.apply(gate, up, act)
+            fused = torch.autograd.grad((fused_out * g).sum(), (gate, up))
+            plain_out = act(gate) * up
+            plain = torch.autograd.grad((plain_out * g).sum(), (gate, up))
+            assert torch.equal(fused_out, plain_out)
+            assert all(torch.equal(a, b) for a, b in zip(fused, plain, strict=True))
 
 
 def test_lora_tensors_in_gguf_layout_reproduce_the_policy_in_llama_cpp(backend, pairs, tiny_gguf, tmp_path):

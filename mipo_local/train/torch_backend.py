@@ -5,6 +5,7 @@ Where the time and memory go, and what this file does about it:
   weights, norms and the residual stream in fp32, log-softmax and log-prob sums always in fp32;
 - one row per pair, the shared prompt read once for both answers (batching.pack_pairs), no padding waste;
 - the 49k-wide output head only at response positions, fused with the log-prob (torch_head.py);
+- the MLP's act(gate) * up as one node that keeps two tensors for the backward pass, not three (torch_mlp.py);
 - no second model for the reference: the adapter is switched off instead;
 - the model is filled from the GGUF one tensor at a time (torch_load.py): the load peaks at the model plus
   one tensor, not at transformers' model + full fp32 state dict;
@@ -75,6 +76,7 @@ class TorchBackend(Backend):
         from transformers.utils import logging as hf_logging
 
         from .torch_load import load_causal_lm
+        from .torch_mlp import fuse_gated_mlps
 
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
@@ -108,6 +110,7 @@ class TorchBackend(Backend):
         model.config.use_cache = False
         if self.bf16:
             _keep_residual_stream_fp32(model)
+        fuse_gated_mlps(model)
         torch.manual_seed(seed)
         self.lora = lora
         config = PeftLoraConfig(

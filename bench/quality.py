@@ -75,6 +75,14 @@ PROFILES = [
 ]  # fmt: skip
 
 
+def pair_signal(ws, check: Callable[[str], bool]) -> dict[str, float]:
+    rows = ws.query("SELECT chosen, rejected FROM pairs")
+    return {
+        "pairs_chosen_ok": sum(check(r["chosen"]) for r in rows) / max(len(rows), 1),
+        "pairs_rejected_ok": sum(check(r["rejected"]) for r in rows) / max(len(rows), 1),
+    }
+
+
 def mipo(env: dict, *args: str) -> str:
     r = subprocess.run(
         [sys.executable, "-m", "mipo_local.cli.main", *args], env=env, capture_output=True, text=True
@@ -144,6 +152,29 @@ def positives_probe(guidances: list[float], n_prompts: int, max_tokens: int, tem
             )
 
 
+def print_table(rows: list[dict], judged: bool) -> None:
+    head = "| profile | base + context prompt | MIPO export + context | drift | pairs: chosen / rejected meet it |"
+    print("\n" + head + (" judge win rate |" if judged else ""))
+    print("|---" * (6 if judged else 5) + "|")
+    for r in rows:
+        cells = [
+            r["profile"],
+            f"{r['base_prompted']:.2f}",
+            f"{r['mipo']:.2f}",
+            f"{r['drift_pct']:+.2f}%",
+            f"{r['pairs_chosen_ok']:.2f} / {r['pairs_rejected_ok']:.2f}",
+        ]
+        if judged:
+            cells.append(f"{r['judge_win_rate']:.2f}")
+        print("| " + " | ".join(cells) + " |")
+    mean = {k: sum(r[k] for r in rows) / len(rows) for k in ("base_prompted", "mipo", "drift_pct")}
+    ratio = mean["mipo"] / max(mean["base_prompted"], 1e-9)
+    print(
+        f"| **mean** | **{mean['base_prompted']:.2f}** | **{mean['mipo']:.2f}** (x{ratio:.2f}) "
+        f"| {mean['drift_pct']:+.2f}% | |" + (" |" if judged else "")
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profiles", default=",".join(p.name for p in PROFILES))
@@ -158,12 +189,18 @@ def main() -> None:
     ap.add_argument("--judge", default=None, help="a judge GGUF: also report its win rate, MIPO vs prompting")
     ap.add_argument("--json", default=None, help="also write the results here")
     ap.add_argument(
+        "--table", default=None, metavar="JSON", help="only print the table of earlier --json files"
+    )
+    ap.add_argument(
         "--positives",
         default=None,
         metavar="G1,G2,...",
         help="only measure how often sampled positives carry the wish, per guidance g (no training)",
     )
     args = ap.parse_args()
+    if args.table:  # e.g. profiles run in two processes, one per core: `--table a.json,b.json`
+        rows = [r for path in args.table.split(",") for r in json.load(open(path))]
+        return print_table(rows, judged=all(r.get("judge_win_rate") is not None for r in rows))
     if args.positives:
         guidances = [float(g) for g in args.positives.split(",")]
         return positives_probe(guidances, args.train_prompts, 128, args.temperature)
@@ -214,27 +251,13 @@ def main() -> None:
             "base_prompted": sum(map(prof.check, prompted)) / len(held_q),
             "mipo": sum(map(prof.check, tuned)) / len(held_q),
             "drift_pct": float(drift.group(1)) if drift else None,
+            # What the training pairs carried: the share of chosen / rejected answers that meet the wish.
+            **pair_signal(ws, prof.check),
             "seconds": seconds,
         }
         rows.append(row)
         print(json.dumps(row), flush=True)
-    judged = args.judge is not None
-    print(
-        "\n| profile | base + context prompt | MIPO export + context | drift |"
-        + (" judge win rate |" if judged else "")
-        + "\n|---|---|---|---|"
-        + ("---|" if judged else "")
-    )
-    for r in rows:
-        cell = f" {r['judge_win_rate']:.2f} |" if judged else ""
-        print(f"| {r['profile']} | {r['base_prompted']:.2f} | {r['mipo']:.2f} | {r['drift_pct']}% |{cell}")
-    mean_b = sum(r["base_prompted"] for r in rows) / len(rows)
-    mean_m = sum(r["mipo"] for r in rows) / len(rows)
-    drifts = [r["drift_pct"] for r in rows if r["drift_pct"] is not None]
-    mean_d = f"{sum(drifts) / len(drifts):+.2f}%" if drifts else "n/a"
-    print(
-        f"| **mean** | **{mean_b:.2f}** | **{mean_m:.2f}** (x{mean_m / max(mean_b, 1e-9):.2f}) | {mean_d} |"
-    )
+    print_table(rows, judged=args.judge is not None)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(rows, fh, indent=2)

@@ -19,7 +19,9 @@ def test_second_pairs_job_is_refused_while_reads_keep_working(tiny_gguf, tmp_pat
     ws = Workspace.open(root, create=True)
     modelsource.set_base_model(ws, str(tiny_gguf))
     ws.add_context("I am Ana, a vegan chef in Lisbon.")
-    ws.add_prompts([f"What should I cook on day {i}?" for i in range(200)])
+    # Far more pairs than the reads below take to run (~45 s on 2 cores), so the job is still going when it
+    # gets its Ctrl-C; it is interrupted, so the size costs nothing.
+    ws.add_prompts([f"What should I cook on day {i}?" for i in range(800)])
     env = {**os.environ, "MIPO_LOCAL_HOME": str(root)}
 
     def cli(*args):

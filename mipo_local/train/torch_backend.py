@@ -131,6 +131,10 @@ class TorchBackend(Backend):
                     module.cast_input_dtype_enabled = False
         inner = self.model.get_base_model()
         self._decoder = inner.model
+        if self.device.type == "cpu":
+            layers = self._decoder.layers
+            for i in (len(layers) // 3, 2 * len(layers) // 3):
+                layers[i].register_forward_hook(_trim_within_pass)
         self._head_weight = inner.lm_head.weight.detach()  # tied models: the embedding matrix itself
         inner.lm_head = torch.nn.Identity()  # the head runs on response rows only (_sequence_logps)
         self._softcap = float(getattr(model.config, "final_logit_softcapping", None) or 0.0)
@@ -386,6 +390,16 @@ def _return_freed_memory() -> None:
 
 
 _malloc_trim = None
+
+
+def _trim_within_pass(_module, _inputs, _output) -> None:
+    """Hand the freed temporaries of the layers so far back to the OS, a third and two thirds of the way.
+
+    glibc keeps the pages of each freed temporary, and the next layers' temporaries and saved activations
+    mostly land on other, released pages, so a forward pass grows by its temporaries on top of what it saves.
+    Measured on the default model, 300-token pair, 1 thread: step peak 1.12 GB; trimming at these two layers
+    1.08 GB for ~1% more time; after every layer 1.04 GB, but 5% more time (the released pages fault in again)."""
+    _return_freed_memory()
 
 
 @contextlib.contextmanager

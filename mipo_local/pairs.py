@@ -379,7 +379,9 @@ def regenerate_pair(
         encoded = {plan.key: _encode(cf, plan)}
         longest = max(map(len, encoded[plan.key].values()))
         with Engine(
-            model.file, n_seq=2 * settings.candidates * (2 if settings.guidance else 1), ctx_per_seq=longest + settings.max_tokens + 2
+            model.file,
+            n_seq=2 * settings.candidates * (2 if settings.guidance else 1),
+            ctx_per_seq=longest + settings.max_tokens + 2,
         ) as engine:
             rows, _ = _run_chunk(engine, [plan], encoded, settings, model.sha256)
         row = rows[0]

@@ -335,4 +335,6 @@ def test_guided_pairs_are_recorded_keyed_apart_and_reproducible(tiny_workspace, 
     modelsource.set_base_model(other, str(tiny_gguf))
     _fill(other, n_prompts=3)
     _run(other, guided)
-    assert _pair_view(other) == [(p.pair_key, p.chosen, p.rejected, p.neg_context, p.neg_prompt) for p in pairs]
+    assert _pair_view(other) == [
+        (p.pair_key, p.chosen, p.rejected, p.neg_context, p.neg_prompt) for p in pairs
+    ]

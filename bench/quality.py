@@ -16,6 +16,7 @@ pairs/train can be passed through, so one variable at a time can be measured wit
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -57,6 +58,19 @@ class Profile:
 
 def _words(text: str) -> int:
     return len(re.findall(r"\w+", text))
+
+
+def degenerate(text: str) -> bool:
+    """A looping answer ("Ahoy! Ahoy! Ahoy! ...", one sentence over and over): under half of its word
+    trigrams are distinct. Such an answer can pass a wish's check while being useless, so it never counts."""
+    words = re.findall(r"\w+", text.lower())
+    trigrams = list(zip(words, words[1:], words[2:], strict=False))
+    return len(words) >= 12 and len(set(trigrams)) < 0.5 * len(trigrams)
+
+
+def adherence(check: Callable[[str], bool], answers: list[str]) -> float:
+    """The share of answers that meet the wish and are not degenerate."""
+    return sum(check(a) and not degenerate(a) for a in answers) / len(answers)
 
 
 PROFILES = [
@@ -152,6 +166,37 @@ def positives_probe(guidances: list[float], n_prompts: int, max_tokens: int, tem
             )
 
 
+def print_settings_table(rows: list[dict]) -> None:
+    """One line per training setting found in the rows: each profile's held-out adherence, the mean against
+    the prompting baseline, and the mean drift, signed and in size (for settings measured on the same pairs)."""
+    names = [p.name for p in PROFILES if any(r["profile"] == p.name for r in rows)]
+    head = [
+        "`mipo-local train` flags",
+        *names,
+        "mean (base + prompt -> MIPO)",
+        "mean drift",
+        "mean \\|drift\\|",
+    ]
+    print("\n| " + " | ".join(head) + " |")
+    print("|---" * len(head) + "|")
+    for setting in dict.fromkeys(r.get("train_args", "") for r in rows):
+        mine = {r["profile"]: r for r in rows if r.get("train_args", "") == setting}
+        cells = [f"{mine[n]['mipo']:.2f}" if n in mine else "" for n in names]
+        if len(mine) == len(names):
+            base = sum(r["base_prompted"] for r in mine.values()) / len(mine)
+            tuned = sum(r["mipo"] for r in mine.values()) / len(mine)
+            drift = sum(r["drift_pct"] for r in mine.values()) / len(mine)
+            size = sum(abs(r["drift_pct"]) for r in mine.values()) / len(mine)
+            cells += [
+                f"{base:.2f} -> **{tuned:.2f}**" + (f" (x{tuned / base:.2f})" if base else ""),
+                f"{drift:+.1f}%",
+                f"{size:.1f}%",
+            ]
+        else:
+            cells += ["(not all profiles)", "", ""]
+        print(f"| `{setting or '(defaults)'}` | " + " | ".join(cells) + " |")
+
+
 def print_table(rows: list[dict], judged: bool) -> None:
     head = "| profile | base + context prompt | MIPO export + context | drift | pairs: chosen / rejected meet it |"
     print("\n" + head + (" judge win rate |" if judged else ""))
@@ -168,10 +213,11 @@ def print_table(rows: list[dict], judged: bool) -> None:
             cells.append(f"{r['judge_win_rate']:.2f}")
         print("| " + " | ".join(cells) + " |")
     mean = {k: sum(r[k] for r in rows) / len(rows) for k in ("base_prompted", "mipo", "drift_pct")}
-    ratio = mean["mipo"] / max(mean["base_prompted"], 1e-9)
+    size = sum(abs(r["drift_pct"]) for r in rows) / len(rows)
+    ratio = f" (x{mean['mipo'] / mean['base_prompted']:.2f})" if mean["base_prompted"] else ""
     print(
-        f"| **mean** | **{mean['base_prompted']:.2f}** | **{mean['mipo']:.2f}** (x{ratio:.2f}) "
-        f"| {mean['drift_pct']:+.2f}% | |" + (" |" if judged else "")
+        f"| **mean** | **{mean['base_prompted']:.2f}** | **{mean['mipo']:.2f}**{ratio} "
+        f"| {mean['drift_pct']:+.2f}% (size {size:.2f}%) | |" + (" |" if judged else "")
     )
 
 
@@ -179,15 +225,26 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profiles", default=",".join(p.name for p in PROFILES))
     ap.add_argument("--train-prompts", type=int, default=24, help="the rest of the 48 questions are held out")
-    # Two pairs per training prompt (48 pairs a profile) and 128-token answers keep a profile near 6 minutes
-    # here; everything else is mipo-local's own default, so the table measures what `mipo-local run` does.
-    ap.add_argument(
-        "--pairs-args", default="--per-prompt 2 --max-tokens 128", help="extra flags for `mipo-local pairs`"
-    )
-    ap.add_argument("--train-args", default="--epochs 2", help="extra flags for `mipo-local train`")
+    # No extra flags by default: the table measures what `mipo-local run` does (2 pairs a training prompt,
+    # 128-token answers, guided positives; 1 epoch at lr 5e-4 with the SFT anchor).
+    ap.add_argument("--pairs-args", default="", help="extra flags for `mipo-local pairs`")
+    ap.add_argument("--train-args", default="", help="extra flags for `mipo-local train`")
     ap.add_argument("--temperature", type=float, default=0.1)
     ap.add_argument("--judge", default=None, help="a judge GGUF: also report its win rate, MIPO vs prompting")
     ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="profiles measured at once, each process pinned to its own cores (here 2 jobs on 2 cores: "
+        "llama.cpp's and torch's threads slow each other down badly when they share a core)",
+    )
+    ap.add_argument(
+        "--workdir",
+        default=None,
+        help="keep each profile's workspace in DIR/<profile> and reuse its pairs: several --train-args then "
+        "train on the same pairs (each setting gets its own run)",
+    )
     ap.add_argument(
         "--table", default=None, metavar="JSON", help="only print the table of earlier --json files"
     )
@@ -200,67 +257,114 @@ def main() -> None:
     args = ap.parse_args()
     if args.table:  # e.g. profiles run in two processes, one per core: `--table a.json,b.json`
         rows = [r for path in args.table.split(",") for r in json.load(open(path))]
+        if len({r.get("train_args") for r in rows}) > 1:  # several settings: compare them
+            return print_settings_table(rows)
         return print_table(rows, judged=all(r.get("judge_win_rate") is not None for r in rows))
     if args.positives:
         guidances = [float(g) for g in args.positives.split(",")]
         return positives_probe(guidances, args.train_prompts, 128, args.temperature)
     chosen = [p for p in PROFILES if p.name in args.profiles.split(",")]
-    train_q, held_q = QUESTIONS[: args.train_prompts], QUESTIONS[args.train_prompts :]
-    rows = []
-    for prof in chosen:
-        root = tempfile.mkdtemp(prefix=f"mipo-quality-{prof.name}-")
-        env = {**os.environ, "MIPO_LOCAL_HOME": root}
-        seconds = {}
-
-        def stage(name: str, *cmd: str, env=env, seconds=seconds) -> str:
-            t0 = time.monotonic()
-            out = mipo(env, *cmd)
-            seconds[name] = round(time.monotonic() - t0)
-            return out
-
-        stage("init", "init")
-        mipo(env, "context", "add", prof.context)
-        mipo(env, "prompts", "add", *train_q)
-        stage("pairs", "pairs", *shlex.split(args.pairs_args))
-        stage("train", "train", "--run", "q", *shlex.split(args.train_args))
-        stage("export", "export", "--run", "q", "--no-verify")
-        from mipo_local.evaluate import export_engine_args, latest_export
-        from mipo_local.modelsource import base_model
-        from mipo_local.workspace import Workspace
-
-        ws = Workspace.open(root)
-        base = str(base_model(ws).file)
-        path, lora = export_engine_args(ws, latest_export(ws))
-        tuned = answers(str(path), str(lora) if lora else None, prof.context, held_q, args.temperature, base)
-        prompted = answers(base, None, prof.context, held_q, args.temperature, base)
-        drift_line = stage("eval", "eval", "--n", "8", "--no-plot")
-        drift = re.search(r"drift\s+([+-]?[\d.]+)%", drift_line)
-        judge = None
-        if args.judge:
-            from pathlib import Path
-
-            from mipo_local.evaluate import judge_answers
-
-            mine, theirs = judge_answers(
-                Path(args.judge), [(prof.context, q) for q in held_q], tuned, prompted
-            )
-            judge = sum((a > b) + 0.5 * (a == b) for a, b in zip(mine, theirs, strict=True)) / len(held_q)
-        row = {
-            "profile": prof.name,
-            "judge_win_rate": judge,
-            "base_prompted": sum(map(prof.check, prompted)) / len(held_q),
-            "mipo": sum(map(prof.check, tuned)) / len(held_q),
-            "drift_pct": float(drift.group(1)) if drift else None,
-            # What the training pairs carried: the share of chosen / rejected answers that meet the wish.
-            **pair_signal(ws, prof.check),
-            "seconds": seconds,
-        }
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+    if args.jobs > 1 and len(chosen) > 1:
+        rows = run_in_parallel(chosen, args)
+    else:
+        rows = [measure_profile(prof, args) for prof in chosen]
     print_table(rows, judged=args.judge is not None)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(rows, fh, indent=2)
+
+
+def run_in_parallel(chosen: list[Profile], args: argparse.Namespace) -> list[dict]:
+    """Split the profiles over `args.jobs` child processes, each pinned to its own share of the cores."""
+    cores = sorted(os.sched_getaffinity(0))
+    jobs = min(args.jobs, len(chosen), len(cores))
+    procs = []
+    for j in range(jobs):
+        mine = [p.name for p in chosen[j::jobs]]
+        out = tempfile.NamedTemporaryFile(suffix=".json", delete=False).name
+        cmd = [sys.executable, __file__, "--profiles", ",".join(mine), "--json", out,
+               "--train-prompts", str(args.train_prompts), "--pairs-args", args.pairs_args,
+               "--train-args", args.train_args, "--temperature", str(args.temperature)]  # fmt: skip
+        cmd += ["--judge", args.judge] if args.judge else []
+        cmd += ["--workdir", args.workdir] if args.workdir else []
+        pinned = set(cores[j::jobs])
+        procs.append((subprocess.Popen(cmd, preexec_fn=lambda c=pinned: os.sched_setaffinity(0, c)), out))
+    rows = []
+    for proc, out in procs:
+        if proc.wait() != 0:
+            raise SystemExit(f"a quality job failed (exit {proc.returncode}); its output is above")
+        rows += json.load(open(out))
+        os.unlink(out)
+    order = [p.name for p in chosen]
+    return sorted(rows, key=lambda r: order.index(r["profile"]))
+
+
+def measure_profile(prof: Profile, args: argparse.Namespace) -> dict:
+    """The real pipeline for one profile in its own workspace, then its held-out adherence and drift."""
+    from mipo_local.evaluate import export_engine_args, latest_export
+    from mipo_local.modelsource import base_model
+    from mipo_local.workspace import Workspace
+
+    train_q, held_q = QUESTIONS[: args.train_prompts], QUESTIONS[args.train_prompts :]
+    if args.workdir:
+        root = os.path.join(args.workdir, prof.name)
+        fresh = not os.path.exists(os.path.join(root, "mipo.db"))
+    else:
+        root, fresh = tempfile.mkdtemp(prefix=f"mipo-quality-{prof.name}-"), True
+    env = {**os.environ, "MIPO_LOCAL_HOME": root}
+    # One run per training setting, so a kept workspace can hold several side by side.
+    run = "q-" + hashlib.sha1(args.train_args.encode()).hexdigest()[:8]
+    seconds = {}
+
+    def stage(name: str, *cmd: str, env=env, seconds=seconds) -> str:
+        t0 = time.monotonic()
+        out = mipo(env, *cmd)
+        seconds[name] = round(time.monotonic() - t0)
+        return out
+
+    if fresh:
+        stage("init", "init")
+        mipo(env, "context", "add", prof.context)
+        mipo(env, "prompts", "add", *train_q)
+    stage("pairs", "pairs", *shlex.split(args.pairs_args))  # a no-op when the kept pairs are complete
+    ws = Workspace.open(root)
+    if not ws.query("SELECT 1 FROM exports e JOIN runs r ON r.id = e.run_id WHERE r.name = ?", (run,)):
+        stage("train", "train", "--run", run, *shlex.split(args.train_args))
+        stage("export", "export", "--run", run, "--no-verify")
+    base = str(base_model(ws).file)
+    export_id = ws.query(
+        "SELECT MAX(e.id) AS id FROM exports e JOIN runs r ON r.id = e.run_id WHERE r.name = ?", (run,)
+    )[0]["id"]
+    path, lora = export_engine_args(ws, latest_export(ws, export_id))
+    tuned = answers(str(path), str(lora) if lora else None, prof.context, held_q, args.temperature, base)
+    prompted = answers(base, None, prof.context, held_q, args.temperature, base)
+    drift_line = stage("eval", "eval", "--export", str(export_id), "--n", "8", "--no-plot")
+    drift = re.search(r"drift\s+([+-]?[\d.]+)%", drift_line)
+    judge = None
+    if args.judge:
+        from pathlib import Path
+
+        from mipo_local.evaluate import judge_answers
+
+        mine, theirs = judge_answers(Path(args.judge), [(prof.context, q) for q in held_q], tuned, prompted)
+        judge = sum((a > b) + 0.5 * (a == b) for a, b in zip(mine, theirs, strict=True)) / len(held_q)
+    row = {
+        "profile": prof.name,
+        "train_args": args.train_args,
+        "pairs_args": args.pairs_args,
+        "judge_win_rate": judge,
+        "base_prompted": adherence(prof.check, prompted),
+        "mipo": adherence(prof.check, tuned),
+        "degenerate_base": sum(map(degenerate, prompted)) / len(held_q),
+        "degenerate_mipo": sum(map(degenerate, tuned)) / len(held_q),
+        "drift_pct": float(drift.group(1)) if drift else None,
+        # What the training pairs carried: the share of chosen / rejected answers that meet the wish.
+        **pair_signal(ws, prof.check),
+        "seconds": seconds,
+        "answers": {"mipo": tuned, "base_prompted": prompted},
+    }
+    print(json.dumps(row), flush=True)
+    return row
 
 
 if __name__ == "__main__":

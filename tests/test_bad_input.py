@@ -101,6 +101,7 @@ CASES = [
     ("train-unknown-targets", "main", ("train", "--targets", "q,foo"), "--targets has unknown names foo"),
     ("train-max-len-too-small", "main", ("train", "--max-len", "8"), "--max-len must be at least 32"),
     ("train-negative-beta", "main", ("train", "--beta", "-1"), "--beta must be positive"),
+    ("train-negative-sft", "main", ("train", "--sft-weight", "-1"), "--sft-weight must be between 0 and 10"),
     ("train-resume-unknown-run", "main", ("train", "--resume", "--run", "nope"), "no run named 'nope'"),
     ("train-resume-finished-run", "main", ("train", "--resume", "--run", "run-1"), "'run-1' has already finished"),
     ("train-bad-run-name", "main", ("train", "--run", "a/b"), "'a/b' is not a valid run name"),

@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from mipo_local.train.dpo import dpo_metrics, dpo_terms
+from mipo_local.train.dpo import dpo_metrics, dpo_objective, dpo_terms
 from mipo_local.train.loop import lr_at
 
 
@@ -35,3 +35,11 @@ def test_schedule_warms_up_then_decays():
     assert lrs[0] == pytest.approx(2.5e-5) and lrs[3] == pytest.approx(1e-4)
     assert all(a >= b for a, b in zip(lrs[3:], lrs[4:], strict=False))
     assert lrs[-1] >= 1e-5
+
+
+def test_sft_weight_adds_the_chosen_answers_per_token_nll():
+    loss = np.array([0.7, 0.5])
+    chosen_logp, chosen_tokens = np.array([-20.0, -6.0]), np.array([10.0, 3.0])
+    assert dpo_objective(loss, chosen_logp, chosen_tokens, 0.0) is loss  # plain DPO untouched
+    # per-token NLL of y+: 2.0 and 2.0; weight 0.5 adds 1.0 to each pair's loss
+    assert dpo_objective(loss, chosen_logp, chosen_tokens, 0.5) == pytest.approx([1.7, 1.5])

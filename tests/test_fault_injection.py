@@ -201,7 +201,7 @@ def test_run_killed_in_every_stage_then_rerun_equals_uninterrupted(tiny_gguf, tm
 
     pairs, run, adapter, export, report = _run_state(root)
     ref_pairs, ref_run, ref_adapter, ref_export, ref_report = _run_state(ref)
-    assert pairs == ref_pairs and len(pairs) == 8  # nothing lost, nothing sampled twice
+    assert pairs == ref_pairs and len(pairs) == 16  # 8 prompts x 2 pairs: nothing lost, nothing sampled twice
     assert run.status == "finished" and run.summary["steps"] == ref_run.summary["steps"]
     assert set(adapter) == set(ref_adapter)
     for name, t in ref_adapter.items():

@@ -15,7 +15,7 @@ from mipo_local.progress import run_to_end
 from mipo_local.settings import PairSettings
 from tests.clihelp import run_cli
 
-FAST = PairSettings(max_tokens=8, temperature=0.8, batch_size=8)
+FAST = PairSettings(max_tokens=8, temperature=0.8, batch_size=8, per_prompt=1)
 
 
 def _fill(ws, n_prompts=4, contexts=("I am Ana, a vegan chef in Lisbon.",)):

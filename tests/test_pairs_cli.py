@@ -11,7 +11,7 @@ from mipo_local.synth import EXAMPLES, clean_candidate, copies_context, few_shot
 from mipo_local.workspace import Workspace
 from tests.clihelp import run_cli
 
-FAST = ("--max-tokens", "8", "--temperature", "0.8")
+FAST = ("--max-tokens", "8", "--temperature", "0.8", "--per-prompt", "1")
 
 
 def _setup(tiny_gguf, prompts=("What should I cook?", "Any dessert idea?", "How do I plan my week?")):
@@ -121,7 +121,7 @@ def test_cancelling_keeps_finished_chunks_and_frees_the_job(tiny_workspace):
     """Closing the job generator (what Ctrl-C does through `drive`) keeps every committed chunk."""
     tiny_workspace.add_context("I am Ana.")
     tiny_workspace.add_prompts([f"Question number {i}?" for i in range(40)])
-    settings = mipo_pairs.PairSettings(max_tokens=4, temperature=0.8, batch_size=8)
+    settings = mipo_pairs.PairSettings(max_tokens=4, temperature=0.8, batch_size=8, per_prompt=1)
     gen = mipo_pairs.generate_pairs(tiny_workspace, settings)
     for event in gen:
         if getattr(event, "done", 0) > 0:

@@ -271,10 +271,11 @@ def test_same_init_same_batch_gives_the_torch_backends_loss_and_gradients(kind, 
     mlx_b.set_lora_tensors(init)
     torch_b.set_lora_tensors(init)
     ref_c, ref_r = base_mlx
-    for i in (0, 2):  # two micro-batches accumulated into one step
+    for i in (0, 2):  # two micro-batches accumulated into one step; the second with the SFT anchor on
         batch = PairBatch(pairs[i : i + 2], ref_c[i : i + 2], ref_r[i : i + 2])
-        m_mlx = mlx_b.accumulate(batch, beta=0.1, loss_scale=0.5)
-        m_torch = torch_b.accumulate(batch, beta=0.1, loss_scale=0.5)
+        sft = 0.5 if i else 0.0
+        m_mlx = mlx_b.accumulate(batch, beta=0.1, loss_scale=0.5, sft_weight=sft)
+        m_torch = torch_b.accumulate(batch, beta=0.1, loss_scale=0.5, sft_weight=sft)
         assert abs(m_mlx["loss"] - np.log(2)) > 1e-3  # the random LoRA moved the policy off the reference
         assert abs(m_mlx["loss"] - m_torch["loss"]) / m_torch["loss"] < 1e-4
         assert m_mlx["margin"] == pytest.approx(m_torch["margin"], rel=1e-3, abs=1e-6)

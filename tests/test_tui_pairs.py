@@ -106,7 +106,7 @@ def test_regenerate_a_pair_from_its_detail_view(tiny_workspace):
     from tests.test_pairs import _run
 
     _fill(tiny_workspace, n_prompts=2)
-    _run(tiny_workspace, PairSettings(max_tokens=8, temperature=0.8, batch_size=8))
+    _run(tiny_workspace, PairSettings(max_tokens=8, temperature=0.8, batch_size=8, per_prompt=1))
     before = pairs_store.list_pairs(tiny_workspace)[0]
 
     async def scenario(app, pilot):

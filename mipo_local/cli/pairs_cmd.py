@@ -21,7 +21,7 @@ from .common import drive, open_workspace, table
     default=None,
     help="How the negative is sampled (default: random-context).",
 )
-@click.option("--per-prompt", type=int, default=None, help="Pairs per prompt and context (default: 1).")
+@click.option("--per-prompt", type=int, default=None, help="Pairs per prompt and context (default: 2).")
 @click.option(
     "--candidates",
     type=int,
@@ -38,7 +38,7 @@ from .common import drive, open_workspace, table
     "--temperature", type=float, default=None, help="Sampling temperature (default: 0.1, as in the paper)."
 )
 @click.option("--top-p", type=float, default=None, help="Nucleus sampling (default: 0.9).")
-@click.option("--max-tokens", type=int, default=None, help="Longest answer in tokens (default: 192).")
+@click.option("--max-tokens", type=int, default=None, help="Longest answer in tokens (default: 128).")
 @click.option("--seed", type=int, default=None, help="Seed: the same seed gives the same pairs (default: 0).")
 @click.option(
     "--score/--no-score",

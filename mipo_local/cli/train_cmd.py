@@ -28,8 +28,15 @@ def _targets(_ctx, _param, value):
     help="torch device (auto: CUDA when available).",
 )
 @click.option("--epochs", type=int, default=None, help="Passes over the training pairs (default: 1).")
-@click.option("--lr", type=float, default=None, help="Peak learning rate (default: 5e-5).")
+@click.option("--lr", type=float, default=None, help="Peak learning rate (default: 5e-4).")
 @click.option("--beta", type=float, default=None, help="DPO beta (default: 0.1).")
+@click.option(
+    "--sft-weight",
+    type=float,
+    default=None,
+    help="Add this times the chosen answer's per-token NLL to the DPO loss: holds the model near "
+    "ordinary text (RPO; default: 1, 0 is plain DPO).",
+)
 @click.option("--rank", type=int, default=None, help="LoRA rank (default: 8).")
 @click.option("--alpha", type=float, default=None, help="LoRA alpha (default: 16).")
 @click.option(

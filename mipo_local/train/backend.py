@@ -76,8 +76,11 @@ class Backend(ABC):
         """
 
     @abstractmethod
-    def accumulate(self, batch: PairBatch, *, beta: float, loss_scale: float) -> dict[str, float]:
-        """Forward + backward of the DPO loss on `batch`, adding `loss_scale` * gradients to the buffers.
+    def accumulate(
+        self, batch: PairBatch, *, beta: float, loss_scale: float, sft_weight: float = 0.0
+    ) -> dict[str, float]:
+        """Forward + backward of the DPO objective (dpo.dpo_objective) on `batch`, adding `loss_scale` *
+        gradients to the buffers.
 
         Returns the batch's metrics (loss, chosen/rejected rewards, margin, accuracy, tokens).
         """

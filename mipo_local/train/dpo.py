@@ -6,6 +6,13 @@ With summed response log-probs (prompt tokens masked) of the policy (pi) and the
     r_rejected = beta * (log pi(y-|x) - log ref(y-|x))
     loss       = -log sigmoid(r_chosen - r_rejected)          averaged over pairs
 
+With an SFT weight w > 0 the objective also pulls the chosen answer's likelihood up (RPO, Pang et al. 2024):
+
+    objective  = loss + w * (-log pi(y+|x) / |y+|)           per-token NLL of the chosen answer
+
+DPO alone can lower the log-probs of both answers while it widens their gap, which moves the model away
+from ordinary text too; the anchor on y+ (the model's own, context-guided answer) holds that back.
+
 `xp` is the array module (numpy, torch or mlx.core): the formula is written once for all of them.
 """
 
@@ -22,6 +29,13 @@ def dpo_terms(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: fl
     # -log sigmoid(m) = log(1 + exp(-m)), written stably as softplus(-m).
     loss = xp.logaddexp(xp.zeros_like(margin), -margin)
     return loss, r_chosen, r_rejected
+
+
+def dpo_objective(loss, policy_chosen, chosen_tokens, sft_weight: float):
+    """Per-pair training objective: the DPO loss plus `sft_weight` times the chosen answer's per-token NLL."""
+    if not sft_weight:
+        return loss
+    return loss - sft_weight * policy_chosen / chosen_tokens
 
 
 def dpo_metrics(loss, r_chosen, r_rejected) -> dict[str, float]:

@@ -99,6 +99,7 @@ def validate(s: TrainSettings) -> None:
     checks = [
         ("lr", 0 < s.lr < 1, "between 0 and 1"),
         ("beta", s.beta > 0, "positive"),
+        ("sft_weight", 0 <= s.sft_weight <= 10, "between 0 and 10"),
         ("alpha", s.alpha > 0, "positive"),
         ("eval_fraction", 0 <= s.eval_fraction <= 0.5, "between 0 and 0.5"),
         ("warmup_ratio", 0 <= s.warmup_ratio < 1, "between 0 and 1"),
@@ -267,7 +268,15 @@ def _train_run(ws, settings, run, model, pairs, resume) -> Generator[Progress | 
                 pb = PairBatch([t.encoded for t in mb], np.array([refs[t.pair_id][0] for t in mb]),
                                np.array([refs[t.pair_id][1] for t in mb]))  # fmt: skip
                 parts.append(
-                    (len(mb), backend.accumulate(pb, beta=settings.beta, loss_scale=len(mb) / len(chosen)))
+                    (
+                        len(mb),
+                        backend.accumulate(
+                            pb,
+                            beta=settings.beta,
+                            loss_scale=len(mb) / len(chosen),
+                            sft_weight=settings.sft_weight,
+                        ),
+                    )
                 )
             keys = ("loss", "reward_chosen", "reward_rejected", "margin", "accuracy")
             metrics = {k: sum(n * m[k] for n, m in parts) / len(chosen) for k in keys}

@@ -26,7 +26,7 @@ from ..chat import EncodedPair
 from ..errors import TrainingError
 from ..fsutil import PRIVATE_FILE, atomic_write_text
 from .backend import Backend, LoraConfig, LoraTensor, PairBatch
-from .dpo import dpo_metrics, dpo_terms
+from .dpo import dpo_metrics, dpo_objective, dpo_terms
 from .mlx_model import load_model
 from .torch_backend import gguf_permute_rows, gguf_unpermute_rows  # numpy only: no torch import
 
@@ -172,20 +172,33 @@ class MLXBackend(Backend):
         lp = np.array(lp, dtype=np.float64)
         return lp[0::2], lp[1::2]
 
-    def _dpo_loss(self, layout, ref_chosen, ref_rejected, beta: float, loss_scale: float):
+    def _dpo_loss(
+        self,
+        layout,
+        ref_chosen,
+        ref_rejected,
+        chosen_tokens,
+        beta: float,
+        loss_scale: float,
+        sft_weight: float,
+    ):
         lp = self._sequence_logps(*layout)
         loss, r_c, r_r = dpo_terms(lp[0::2], lp[1::2], ref_chosen, ref_rejected, beta, mx)
-        return loss.mean() * loss_scale, loss, r_c, r_r
+        objective = dpo_objective(loss, lp[0::2], chosen_tokens, sft_weight)
+        return objective.mean() * loss_scale, loss, r_c, r_r
 
-    def accumulate(self, batch: PairBatch, *, beta: float, loss_scale: float) -> dict[str, float]:
+    def accumulate(
+        self, batch: PairBatch, *, beta: float, loss_scale: float, sft_weight: float = 0.0
+    ) -> dict[str, float]:
         self.model.train()
         if self.lora.dropout > 0:  # dropout masks as a pure function of (seed, micro-batch): resumable
             mx.random.seed(self.seed * 1_000_003 + self._micro_batches)
         ref_c = mx.array(np.asarray(batch.ref_chosen, np.float32))
         ref_r = mx.array(np.asarray(batch.ref_rejected, np.float32))
+        n_c = mx.array(np.array([len(e.chosen) for e in batch.pairs], np.float32))
         with _oom_as_memory_error():
             (_, loss, r_c, r_r), grads = self._loss_and_grad(
-                self._layout(batch.pairs), ref_c, ref_r, beta, loss_scale
+                self._layout(batch.pairs), ref_c, ref_r, n_c, beta, loss_scale, sft_weight
             )
             self._grads = grads if self._grads is None else tree_map(mx.add, self._grads, grads)
             mx.eval(self._grads, loss, r_c, r_r)

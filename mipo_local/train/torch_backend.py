@@ -27,7 +27,7 @@ from ..chat import EncodedPair
 from ..errors import ModelError, TrainingError
 from .backend import Backend, LoraConfig, LoraTensor, PairBatch
 from .batching import pack_pairs
-from .dpo import dpo_metrics, dpo_terms
+from .dpo import dpo_metrics, dpo_objective, dpo_terms
 
 HF_PROJ = {
     "q": "q_proj",
@@ -195,7 +195,9 @@ class TorchBackend(Backend):
         lp = lp.double().cpu().numpy()
         return lp[0::2], lp[1::2]
 
-    def accumulate(self, batch: PairBatch, *, beta: float, loss_scale: float) -> dict[str, float]:
+    def accumulate(
+        self, batch: PairBatch, *, beta: float, loss_scale: float, sft_weight: float = 0.0
+    ) -> dict[str, float]:
         import torch
 
         self.model.train()
@@ -204,7 +206,8 @@ class TorchBackend(Backend):
             ref_c = torch.tensor(batch.ref_chosen, dtype=torch.float32, device=self.device)
             ref_r = torch.tensor(batch.ref_rejected, dtype=torch.float32, device=self.device)
             loss, r_c, r_r = dpo_terms(lp[0::2], lp[1::2], ref_c, ref_r, beta, torch)
-            (loss.mean() * loss_scale).backward()
+            n_c = torch.tensor([len(e.chosen) for e in batch.pairs], dtype=torch.float32, device=self.device)
+            (dpo_objective(loss, lp[0::2], n_c, sft_weight).mean() * loss_scale).backward()
         if self.device.type == "cpu":
             _return_freed_memory()
         metrics = dpo_metrics(*(x.detach().cpu().numpy() for x in (loss, r_c, r_r)))

@@ -198,15 +198,19 @@ def print_settings_table(rows: list[dict]) -> None:
 
 
 def print_table(rows: list[dict], judged: bool) -> None:
-    head = "| profile | base + context prompt | MIPO export + context | drift | pairs: chosen / rejected meet it |"
+    head = (
+        "| profile | base + context prompt | MIPO export + context | drift "
+        "| looping answers: base / MIPO | pairs: chosen / rejected meet it |"
+    )
     print("\n" + head + (" judge win rate |" if judged else ""))
-    print("|---" * (6 if judged else 5) + "|")
+    print("|---" * (7 if judged else 6) + "|")
     for r in rows:
         cells = [
             r["profile"],
             f"{r['base_prompted']:.2f}",
             f"{r['mipo']:.2f}",
             f"{r['drift_pct']:+.2f}%",
+            f"{r.get('degenerate_base', float('nan')):.2f} / {r.get('degenerate_mipo', float('nan')):.2f}",
             f"{r['pairs_chosen_ok']:.2f} / {r['pairs_rejected_ok']:.2f}",
         ]
         if judged:
@@ -214,10 +218,14 @@ def print_table(rows: list[dict], judged: bool) -> None:
         print("| " + " | ".join(cells) + " |")
     mean = {k: sum(r[k] for r in rows) / len(rows) for k in ("base_prompted", "mipo", "drift_pct")}
     size = sum(abs(r["drift_pct"]) for r in rows) / len(rows)
+    loops = " / ".join(
+        f"{sum(r.get(k, float('nan')) for r in rows) / len(rows):.2f}"
+        for k in ("degenerate_base", "degenerate_mipo")
+    )
     ratio = f" (x{mean['mipo'] / mean['base_prompted']:.2f})" if mean["base_prompted"] else ""
     print(
         f"| **mean** | **{mean['base_prompted']:.2f}** | **{mean['mipo']:.2f}**{ratio} "
-        f"| {mean['drift_pct']:+.2f}% (size {size:.2f}%) | |" + (" |" if judged else "")
+        f"| {mean['drift_pct']:+.2f}% (size {size:.2f}%) | {loops} | |" + (" |" if judged else "")
     )
 
 
@@ -257,6 +265,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.table:  # e.g. profiles run in two processes, one per core: `--table a.json,b.json`
         rows = [r for path in args.table.split(",") for r in json.load(open(path))]
+        order = [p.name for p in PROFILES]
+        rows.sort(key=lambda r: order.index(r["profile"]))  # stable: settings keep their file order
         if len({r.get("train_args") for r in rows}) > 1:  # several settings: compare them
             return print_settings_table(rows)
         return print_table(rows, judged=all(r.get("judge_win_rate") is not None for r in rows))

@@ -177,6 +177,7 @@ def test_kill_9_mid_run_then_resume_equals_uninterrupted(ws_dir, tiny_gguf, tmp_
     _fill(ws, n_prompts=40)
     env = {**os.environ, "MIPO_LOCAL_HOME": str(ws_dir)}
     args = [sys.executable, "-m", "mipo_local.cli.main", "pairs", "--max-tokens", "8", "--temperature", "0.8"]
+    args += ["--per-prompt", "1"]
     proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 600  # a bound, not a timing: a busy machine may take long for a chunk
     while time.time() < deadline and ws.count("pairs") < 16:
@@ -191,7 +192,7 @@ def test_kill_9_mid_run_then_resume_equals_uninterrupted(ws_dir, tiny_gguf, tmp_
     ref = Workspace.open(tmp_path / "ref", create=True)
     modelsource.set_base_model(ref, str(tiny_gguf))
     _fill(ref, n_prompts=40)
-    _run(ref, PairSettings(max_tokens=8, temperature=0.8))
+    _run(ref, PairSettings(max_tokens=8, temperature=0.8, per_prompt=1))
     assert {p.pair_key: (p.chosen, p.rejected) for p in pairs_store.list_pairs(ref)} == final
 
 
@@ -224,7 +225,7 @@ def test_default_model_16_prompts_give_16_scored_distinct_pairs(ws_dir, default_
             ]
         ],
     )
-    r = run_cli("pairs", "--max-tokens", "48")
+    r = run_cli("pairs", "--max-tokens", "48", "--per-prompt", "1")
     assert r.exit_code == 0, r.output
     from mipo_local.workspace import Workspace
 

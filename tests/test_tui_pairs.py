@@ -67,7 +67,7 @@ def test_cancel_keeps_the_app_usable_and_forgets_the_job(tiny_workspace, paced):
 
 
 def test_closing_mid_job_offers_to_continue_then_shows_and_deletes_pairs(tiny_workspace, paced):
-    _fill(tiny_workspace)
+    _fill(tiny_workspace, n_prompts=5)  # 2 contexts x 5 prompts x 2 pairs: more than one 16-pair chunk
 
     async def close_while_running(app, pilot):
         await _start_generation(app, pilot, paced)  # leaving the scenario closes the app mid-job
@@ -84,7 +84,7 @@ def test_closing_mid_job_offers_to_continue_then_shows_and_deletes_pairs(tiny_wo
         await settle(app, pilot)
         assert type(app.screen).__name__ == "PairsScreen"
         table = app.screen.query_one("#pairs", DataTable)
-        assert table.row_count == 18
+        assert table.row_count == 20
         await pilot.press("enter")
         assert type(app.screen).__name__ == "PairDetailScreen"
         shown = " ".join(str(w.render()) for w in app.screen.query(Static))
@@ -92,10 +92,10 @@ def test_closing_mid_job_offers_to_continue_then_shows_and_deletes_pairs(tiny_wo
         assert first["context"] in shown and first["neg_context"] in shown and "PMI margin" in shown
         await pilot.press("d")
         await pilot.pause()
-        assert table.row_count == 17
+        assert table.row_count == 19
 
     notes = drive(tiny_workspace.root, reopen)
-    assert tiny_workspace.count("pairs") == 17
+    assert tiny_workspace.count("pairs") == 19
     assert tiny_workspace.get_config(PENDING_KEY) is None
     assert any("new pairs" in n.message for n in notes)
 

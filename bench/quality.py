@@ -291,7 +291,8 @@ def run_in_parallel(chosen: list[Profile], args: argparse.Namespace) -> list[dic
     procs = []
     for j in range(jobs):
         mine = [p.name for p in chosen[j::jobs]]
-        out = tempfile.NamedTemporaryFile(suffix=".json", delete=False).name
+        handle, out = tempfile.mkstemp(suffix=".json")
+        os.close(handle)  # the child writes it
         cmd = [sys.executable, __file__, "--profiles", ",".join(mine), "--json", out,
                "--train-prompts", str(args.train_prompts), "--pairs-args", args.pairs_args,
                "--train-args", args.train_args, "--temperature", str(args.temperature)]  # fmt: skip
@@ -338,13 +339,17 @@ def measure_profile(prof: Profile, args: argparse.Namespace) -> dict:
         mipo(env, "prompts", "add", *train_q)
     stage("pairs", "pairs", *shlex.split(args.pairs_args))  # a no-op when the kept pairs are complete
     ws = Workspace.open(root)
-    if not ws.query("SELECT 1 FROM exports e JOIN runs r ON r.id = e.run_id WHERE r.name = ?", (run,)):
+
+    def newest_export() -> int | None:
+        sql = "SELECT MAX(e.id) AS id FROM exports e JOIN runs r ON r.id = e.run_id WHERE r.name = ?"
+        return ws.query(sql, (run,))[0]["id"]
+
+    export_id = newest_export()
+    if export_id is None:  # this setting has not been trained in this workspace yet
         stage("train", "train", "--run", run, *shlex.split(args.train_args))
         stage("export", "export", "--run", run, "--no-verify")
+        export_id = newest_export()
     base = str(base_model(ws).file)
-    export_id = ws.query(
-        "SELECT MAX(e.id) AS id FROM exports e JOIN runs r ON r.id = e.run_id WHERE r.name = ?", (run,)
-    )[0]["id"]
     path, lora = export_engine_args(ws, latest_export(ws, export_id))
     tuned = answers(str(path), str(lora) if lora else None, prof.context, held_q, args.temperature, base)
     prompted = answers(base, None, prof.context, held_q, args.temperature, base)

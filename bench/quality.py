@@ -345,8 +345,12 @@ def measure_profile(prof: Profile, args: argparse.Namespace) -> dict:
         return ws.query(sql, (run,))[0]["id"]
 
     export_id = newest_export()
-    if export_id is None:  # this setting has not been trained in this workspace yet
-        stage("train", "train", "--run", run, *shlex.split(args.train_args))
+    if export_id is None:  # this setting has not been trained (or exported) in this workspace yet
+        status = ws.query("SELECT status FROM runs WHERE name = ?", (run,))
+        if not status:
+            stage("train", "train", "--run", run, *shlex.split(args.train_args))
+        elif status[0]["status"] != "finished":  # a benchmark stopped mid-training: continue it
+            stage("train", "train", "--run", run, "--resume")
         stage("export", "export", "--run", run, "--no-verify")
         export_id = newest_export()
     base = str(base_model(ws).file)

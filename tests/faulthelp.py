@@ -106,10 +106,11 @@ class CliRun:
                     return None
                 self._seen.wait(0.05)
 
-    def kill_at(self, when: float) -> bool:
-        """SIGKILL at monotonic time `when`; True when the process was still running then."""
+    def kill_at(self, when: float, or_on: str | None = None) -> bool:
+        """SIGKILL at monotonic time `when`, or as soon as a stderr line containing `or_on` arrives if that
+        comes first; True when the process was still running then."""
         while time.monotonic() < when:
-            if self.proc.poll() is not None:
+            if self.proc.poll() is not None or (or_on and any(or_on in line for _, line in list(self.lines))):
                 break
             time.sleep(0.005)
         alive = self.proc.poll() is None

@@ -185,12 +185,17 @@ def test_run_killed_in_every_stage_then_rerun_equals_uninterrupted(tiny_gguf, tm
     for stage in plan:
         u = float(rng.uniform(0.05, 0.9))
         run = CliRun(RUN_ARGS, _env(root)).start()
-        t0 = run.wait_for(f"[{stages.index(stage) + 2}/5]")
+        number = stages.index(stage) + 2
+        t0 = run.wait_for(f"[{number}/5]")
         assert t0 is not None, run.stderr[-2000:]
-        if run.kill_at(t0 + u * durations[stage]):
+        # The reference run's stage time is only a guide (a rerun's stage can be much faster: CI measured a
+        # rerun finishing the whole pipeline inside 74% of the reference's training), so a kill aimed at a
+        # stage lands at the latest when the next stage starts.
+        if run.kill_at(t0 + u * durations[stage], or_on=f"[{number + 1}/5]" if number < 5 else None):
             reached = [line[:5] for _, line in run.lines if line.startswith("[") and "/5]" in line[:5]]
             killed.append((stage, round(u, 2), reached[-1]))  # the stage aimed at and the one reached
-        else:  # a rerun went faster than the uninterrupted stage: the pipeline is done, no later kill is possible
+        else:  # only an evaluation can end before its kill: the pipeline is done, no later kill is possible
+            assert stage == "eval", (stage, run.stderr[-2000:])
             assert run.proc.returncode == 0, run.stderr[-2000:]
             break
         _after_kill_checks(root)

@@ -9,6 +9,8 @@ un-permutation, gemma's norm offset) and copied into place, so the peak is the m
 
 from __future__ import annotations
 
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -17,15 +19,17 @@ import torch
 from .. import gguf_io
 
 
-def load_causal_lm(path: Path, dtype: torch.dtype, attn_implementation: str = "sdpa"):
-    """The GGUF at `path` as a transformers causal LM in `dtype`, on the CPU, in eval mode."""
+def load_causal_lm(path: Path, dtype: torch.dtype, attn_implementation: str = "sdpa", reader=None):
+    """The GGUF at `path` as a transformers causal LM in `dtype`, on the CPU, in eval mode. `reader`: the
+    file already opened with gguf_io.open_reader, if the caller has it."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(path)
-    config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+    with _fast_gguf_reader():
+        config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
     with _no_init_weights():  # every parameter is overwritten below: skip the random init
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
-    reader = gguf_io.open_reader(path)
+    reader = reader or gguf_io.open_reader(path)
     params = dict(model.named_parameters(remove_duplicate=False))
     loaded = set()
     with open(path, "rb") as fh, torch.no_grad():
@@ -78,6 +82,25 @@ def _tied_names(model, loaded: set[str]) -> set[str]:
     """Parameters that share their storage with a loaded one (a tied output head)."""
     by_ptr = {p.data_ptr() for n, p in model.named_parameters(remove_duplicate=False) if n in loaded}
     return {n for n, p in model.named_parameters(remove_duplicate=False) if p.data_ptr() in by_ptr}
+
+
+_READER_SWAP = threading.Lock()
+
+
+@contextmanager
+def _fast_gguf_reader():
+    """transformers reads the config by opening the GGUF with gguf-py's stock reader, which takes 2.5 s on
+    the default model's 49k-token vocabulary; for that call, gguf.GGUFReader is gguf_io's faster subclass
+    (same fields, measured: the config read 4.5 s -> 1.1 s, identical config)."""
+    import gguf
+
+    with _READER_SWAP:
+        stock = gguf.GGUFReader
+        gguf.GGUFReader = gguf_io.FastReader
+        try:
+            yield
+        finally:
+            gguf.GGUFReader = stock
 
 
 def _no_init_weights():

@@ -93,8 +93,8 @@ class FastReader(gguf.GGUFReader):
         return arr.view(arr.dtype.newbyteorder(self.byte_order if override_order is None else override_order))
 
 
-def open_reader(path: str | os.PathLike) -> gguf.GGUFReader:
-    """Open a GGUF with clear errors for a missing, foreign or truncated file."""
+def check_gguf_file(path: str | os.PathLike) -> Path:
+    """`path`, after clear errors for a missing file, a directory, or a file that is not a GGUF."""
     path = Path(path)
     if not path.exists():
         raise ModelError(f"Model file not found: {path}.")
@@ -104,6 +104,12 @@ def open_reader(path: str | os.PathLike) -> gguf.GGUFReader:
         magic = fh.read(4)
     if magic != GGUF_MAGIC:
         raise ModelError(f"{path} is not a GGUF file (it does not start with the GGUF magic bytes).")
+    return path
+
+
+def open_reader(path: str | os.PathLike) -> gguf.GGUFReader:
+    """Open a GGUF with clear errors for a missing, foreign or truncated file."""
+    path = check_gguf_file(path)
     try:
         reader = FastReader(path, "r")
     except Exception as err:  # gguf-py raises ValueError/IndexError/etc. on damaged files

@@ -9,6 +9,7 @@ un-permutation, gemma's norm offset) and copied into place, so the peak is the m
 
 from __future__ import annotations
 
+import functools
 import threading
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,14 +26,14 @@ def load_causal_lm(path: Path, dtype: torch.dtype, attn_implementation: str = "s
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(path)
-    with _fast_gguf_reader():
+    with _faster_gguf_py():
         config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
     with _no_init_weights():  # every parameter is overwritten below: skip the random init
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
     reader = reader or gguf_io.open_reader(path)
     params = dict(model.named_parameters(remove_duplicate=False))
     loaded = set()
-    with open(path, "rb") as fh, torch.no_grad():
+    with open(path, "rb") as fh, torch.no_grad(), _faster_gguf_py():
         for hf_name, weights in _hf_tensors(reader, fh, model):
             if hf_name not in params:
                 continue
@@ -84,23 +85,28 @@ def _tied_names(model, loaded: set[str]) -> set[str]:
     return {n for n, p in model.named_parameters(remove_duplicate=False) if p.data_ptr() in by_ptr}
 
 
-_READER_SWAP = threading.Lock()
+_GGUF_PY_SWAP = threading.Lock()
 
 
 @contextmanager
-def _fast_gguf_reader():
-    """transformers reads the config by opening the GGUF with gguf-py's stock reader, which takes 2.5 s on
-    the default model's 49k-token vocabulary; for that call, gguf.GGUFReader is gguf_io's faster subclass
-    (same fields, measured: the config read 4.5 s -> 1.1 s, identical config)."""
+def _faster_gguf_py():
+    """Two gguf-py calls that transformers' GGUF code makes slowly, made fast for the duration of a load:
+
+    - it reads the config through gguf-py's stock reader, 2.5 s on the default model's 49k-token
+      vocabulary; gguf_io's subclass gives the same fields (config read 4.5 s -> 1.1 s, identical config);
+    - get_gguf_hf_weights_map recurses into every submodule (397 on the default model) and builds a fresh
+      tensor-name map for each, 7 s in all; the map depends only on (architecture, layers), so one is cached.
+    """
     import gguf
 
-    with _READER_SWAP:
-        stock = gguf.GGUFReader
+    with _GGUF_PY_SWAP:
+        stock_reader, stock_map = gguf.GGUFReader, gguf.get_tensor_name_map
         gguf.GGUFReader = gguf_io.FastReader
+        gguf.get_tensor_name_map = functools.lru_cache(maxsize=4)(stock_map)
         try:
             yield
         finally:
-            gguf.GGUFReader = stock
+            gguf.GGUFReader, gguf.get_tensor_name_map = stock_reader, stock_map
 
 
 def _no_init_weights():

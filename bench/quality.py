@@ -124,9 +124,14 @@ def answers(
     return [out[i] for i in range(len(prompts))]
 
 
-def positives_probe(guidances: list[float], n_prompts: int, max_tokens: int, temperature: float) -> None:
+def positives_probe(
+    guidances: list[float], n_prompts: int, max_tokens: int, temperature: float, candidates: int = 1
+) -> None:
     """The pairs' signal, without training: the share of sampled positives y+ that satisfy the profile's wish,
-    per guidance strength g, sampled as `mipo-local pairs` does (c' a random persona from the bank)."""
+    per guidance strength g, sampled as `mipo-local pairs` does (c' a random persona from the bank). With
+    `candidates` K > 1, K positives are sampled per prompt and the one with the highest pointwise mutual
+    information log p(y|c,x) - log p(y|c',x) under the base is kept, as `mipo-local pairs --candidates K` keeps
+    it."""
     import numpy as np
 
     from mipo_local.chat import chat_format
@@ -141,25 +146,36 @@ def positives_probe(guidances: list[float], n_prompts: int, max_tokens: int, tem
     with Engine(model, n_seq=16, ctx_per_seq=512) as eng:
         for g in guidances:
             rng = np.random.default_rng(0)
-            reqs = []
+            reqs, prompts = [], {}
             for prof in PROFILES:
                 pool = negative_pool(prof.context, [])
                 for i, q in enumerate(QUESTIONS[:n_prompts]):
                     neg = pool[int(rng.integers(len(pool)))]
-                    reqs.append(
-                        GenRequest(
-                            cf.prompt_ids(prof.context, q),
-                            max_tokens=max_tokens,
-                            temperature=temperature,
-                            top_p=0.9,
-                            seed=i,
-                            id=(prof.name, i),
-                            guide_prompt=cf.prompt_ids(neg, q),
-                            guidance=g,
+                    prompts[(prof.name, i)] = (cf.prompt_ids(prof.context, q), cf.prompt_ids(neg, q))
+                    for j in range(candidates):
+                        reqs.append(
+                            GenRequest(
+                                prompts[(prof.name, i)][0],
+                                max_tokens=max_tokens,
+                                temperature=temperature,
+                                top_p=0.9,
+                                seed=i if candidates == 1 else i * 1000 + j,
+                                id=(prof.name, i, j),
+                                guide_prompt=prompts[(prof.name, i)][1],
+                                guidance=g,
+                            )
                         )
-                    )
-            out = {r.id: r.text for r in eng.generate(reqs)}
-            rates = [np.mean([p.check(out[(p.name, i)]) for i in range(n_prompts)]) for p in PROFILES]
+            out = {r.id: r for r in eng.generate(reqs)}
+            kept = {}
+            for key, (with_c, with_neg) in prompts.items():
+                answers = [out[(*key, j)] for j in range(candidates)]
+                if candidates > 1:
+                    pairs = [(with_c, a.tokens) for a in answers] + [(with_neg, a.tokens) for a in answers]
+                    lp = eng.score_many(pairs)
+                    pmi = [lp[j] - lp[candidates + j] for j in range(candidates)]
+                    answers = [answers[int(np.argmax(pmi))]]
+                kept[key] = answers[0].text
+            rates = [np.mean([p.check(kept[(p.name, i)]) for i in range(n_prompts)]) for p in PROFILES]
             print(
                 f"| {g:g} | " + " | ".join(f"{r:.2f}" for r in rates) + f" | **{np.mean(rates):.2f}** |",
                 flush=True,
@@ -262,6 +278,13 @@ def main() -> None:
         metavar="G1,G2,...",
         help="only measure how often sampled positives carry the wish, per guidance g (no training)",
     )
+    ap.add_argument(
+        "--candidates",
+        type=int,
+        default=1,
+        metavar="K",
+        help="with --positives: sample K positives a prompt and keep the highest-PMI one, as `pairs` does",
+    )
     args = ap.parse_args()
     if args.table:  # e.g. profiles run in two processes, one per core: `--table a.json,b.json`
         rows = [r for path in args.table.split(",") for r in json.load(open(path))]
@@ -272,7 +295,7 @@ def main() -> None:
         return print_table(rows, judged=all(r.get("judge_win_rate") is not None for r in rows))
     if args.positives:
         guidances = [float(g) for g in args.positives.split(",")]
-        return positives_probe(guidances, args.train_prompts, 128, args.temperature)
+        return positives_probe(guidances, args.train_prompts, 128, args.temperature, args.candidates)
     chosen = [p for p in PROFILES if p.name in args.profiles.split(",")]
     if args.jobs > 1 and len(chosen) > 1:
         rows = run_in_parallel(chosen, args)

@@ -147,6 +147,9 @@ def positives_probe(
         for g in guidances:
             rng = np.random.default_rng(0)
             reqs, prompts = [], {}
+            seed_of = (
+                (lambda i, j: i) if candidates == 1 else (lambda i, j: i * 1000 + j)
+            )  # K=1: earlier seeds
             for prof in PROFILES:
                 pool = negative_pool(prof.context, [])
                 for i, q in enumerate(QUESTIONS[:n_prompts]):
@@ -159,22 +162,23 @@ def positives_probe(
                                 max_tokens=max_tokens,
                                 temperature=temperature,
                                 top_p=0.9,
-                                seed=i if candidates == 1 else i * 1000 + j,
+                                seed=seed_of(i, j),
                                 id=(prof.name, i, j),
                                 guide_prompt=prompts[(prof.name, i)][1],
                                 guidance=g,
                             )
                         )
             out = {r.id: r for r in eng.generate(reqs)}
-            kept = {}
-            for key, (with_c, with_neg) in prompts.items():
-                answers = [out[(*key, j)] for j in range(candidates)]
-                if candidates > 1:
-                    pairs = [(with_c, a.tokens) for a in answers] + [(with_neg, a.tokens) for a in answers]
-                    lp = eng.score_many(pairs)
-                    pmi = [lp[j] - lp[candidates + j] for j in range(candidates)]
-                    answers = [answers[int(np.argmax(pmi))]]
-                kept[key] = answers[0].text
+            kept = {key: out[(*key, 0)].text for key in prompts}
+            if candidates > 1:  # every candidate scored under (c, x) and (c', x) in one batched pass
+                items = [(prompt, out[(*key, j)].tokens) for key in prompts for prompt in prompts[key]
+                         for j in range(candidates)]  # fmt: skip
+                lp = iter(eng.score_many(items))
+                for key in prompts:
+                    with_c = [next(lp) for _ in range(candidates)]
+                    with_neg = [next(lp) for _ in range(candidates)]
+                    best = int(np.argmax([a - b for a, b in zip(with_c, with_neg, strict=True)]))
+                    kept[key] = out[(*key, best)].text
             rates = [np.mean([p.check(kept[(p.name, i)]) for i in range(n_prompts)]) for p in PROFILES]
             print(
                 f"| {g:g} | " + " | ".join(f"{r:.2f}" for r in rates) + f" | **{np.mean(rates):.2f}** |",

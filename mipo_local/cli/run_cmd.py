@@ -22,7 +22,7 @@ from .common import drive, open_workspace
     "--max-tokens",
     type=int,
     default=None,
-    help="Longest answer in tokens, for the pairs and the evaluation (default: 128 and 192).",
+    help="Longest answer in tokens, for the pairs and the evaluation (default: 128 for the pairs, 192 for the evaluation).",
 )
 @click.pass_context
 def run_cmd(ctx: click.Context, n_prompts: int, max_tokens: int | None) -> None:

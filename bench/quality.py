@@ -289,6 +289,13 @@ def main() -> None:
         metavar="K",
         help="with --positives: sample K positives a prompt and keep the highest-PMI one, as `pairs` does",
     )
+    ap.add_argument(
+        "--probe-tokens",
+        type=int,
+        default=128,
+        metavar="N",
+        help="with --positives: the answers' token limit (default 128, as `pairs --max-tokens`)",
+    )
     args = ap.parse_args()
     if args.table:  # e.g. profiles run in two processes, one per core: `--table a.json,b.json`
         rows = [r for path in args.table.split(",") for r in json.load(open(path))]
@@ -299,7 +306,9 @@ def main() -> None:
         return print_table(rows, judged=all(r.get("judge_win_rate") is not None for r in rows))
     if args.positives:
         guidances = [float(g) for g in args.positives.split(",")]
-        return positives_probe(guidances, args.train_prompts, 128, args.temperature, args.candidates)
+        return positives_probe(
+            guidances, args.train_prompts, args.probe_tokens, args.temperature, args.candidates
+        )
     chosen = [p for p in PROFILES if p.name in args.profiles.split(",")]
     if args.jobs > 1 and len(chosen) > 1:
         rows = run_in_parallel(chosen, args)

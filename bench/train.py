@@ -10,7 +10,7 @@ and include everything else: tokenization, reference log-probs, training, writin
 (activations only: the base is frozen) over the prompt once and both responses, the output head at response
 positions only; attention and LoRA are left out. They are divided by a bf16 matmul peak measured here.
 
-    python bench/train.py [--pairs 16] [--threads 2] [--rank 8] [--epochs 1]
+    python bench/train.py [--pairs 16] [--threads 2] [--rank 8] [--epochs 1] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -92,7 +92,9 @@ def child_mipo(cfg: dict) -> dict:
     from mipo_local.train.loop import train
     from mipo_local.workspace import Workspace
 
-    ws = Workspace.open(cfg["workdir"] + f"/ws-{cfg['kind']}", create=True)  # a fresh one: no cached refs
+    ws = Workspace.open(
+        cfg["workdir"] + f"/ws-{cfg['kind']}-{cfg.get('repeat', 0)}", create=True
+    )  # fresh: no cached refs
     modelsource.set_base_model(ws, cfg["model"])
     with ws.transaction() as conn:
         for i, p in enumerate(cfg["pairs"]):
@@ -237,6 +239,7 @@ def main() -> None:
     ap.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="for both sides")
     ap.add_argument("--only", choices=["mipo", "trl"], default=None, help="run one side (debugging)")
     ap.add_argument("--also-gc", action="store_true", help="add a mipo-local run with --grad-checkpointing")
+    ap.add_argument("--repeats", type=int, default=1, help="run both sides this many times, alternating")
     args = ap.parse_args()
 
     from mipo_local.chat import chat_format
@@ -271,7 +274,13 @@ def main() -> None:
     sides = [
         s for s in ("mipo", "mipo-gc", "trl") if args.only in (None, s) and (s != "mipo-gc" or args.also_gc)
     ]
-    results = {s: run_child(s, cfg) for s in sides}
+    # Repeats alternate the sides (mipo, trl, mipo, trl, ...) so that a slow spell of the machine hits both;
+    # each side's median-time run is reported, and the ratio of each repeat.
+    runs: dict[str, list[dict]] = {s: [] for s in sides}
+    for i in range(args.repeats):
+        for s in sides:
+            runs[s].append(run_child(s, {**cfg, "repeat": i}))
+    results = {s: sorted(r, key=lambda x: x["train_s"])[len(r) // 2] for s, r in runs.items()}
     gflop = useful_gflop_per_pair(model, encoded)
     n = len(pairs) * args.epochs
     print(f"matmul peak here: bf16 {peak['bfloat16']:.0f} GFLOP/s, fp32 {peak['float32']:.0f} GFLOP/s")
@@ -289,6 +298,9 @@ def main() -> None:
             f"| {cpu_rate:.3f} | {r['peak_rss_mb'] / 1024:.2f} | {rate * gflop:.0f} "
             f"| {rate * gflop / peak['bfloat16']:.0%} | {r['loss']:.4f} |"
         )
+    if len(results) == 2 and args.repeats > 1:
+        ratios = [t["train_s"] / m["train_s"] for m, t in zip(runs["mipo"], runs["trl"], strict=True)]
+        print("pairs/s ratio of each repeat: " + ", ".join(f"{r:.2f}x" for r in ratios) + " (medians below)")
     if len(results) == 2:
         m, t = results["mipo"], results["trl"]
         print(

@@ -92,9 +92,8 @@ def child_mipo(cfg: dict) -> dict:
     from mipo_local.train.loop import train
     from mipo_local.workspace import Workspace
 
-    ws = Workspace.open(
-        cfg["workdir"] + f"/ws-{cfg['kind']}-{cfg.get('repeat', 0)}", create=True
-    )  # fresh: no cached refs
+    # A fresh workspace for every run, so that no run finds cached reference log-probs.
+    ws = Workspace.open(cfg["workdir"] + f"/ws-{cfg['kind']}-{cfg.get('repeat', 0)}", create=True)
     modelsource.set_base_model(ws, cfg["model"])
     with ws.transaction() as conn:
         for i, p in enumerate(cfg["pairs"]):

@@ -15,10 +15,18 @@ import pytest
 from mipo_local import adapter_io, modelsource
 from mipo_local.chat import EncodedPair
 from mipo_local.errors import TrainingError, UserInputError
+from mipo_local.pairs_store import Pair
 from mipo_local.progress import Log, Progress
 from mipo_local.settings import TrainSettings
 from mipo_local.train import runs
-from mipo_local.train.batching import PAD_TO, epoch_order, pack_pairs, split_heldout
+from mipo_local.train.batching import (
+    PAD_TO,
+    encode_pairs,
+    epoch_order,
+    pack_pairs,
+    pack_sequences,
+    split_heldout,
+)
 from mipo_local.train.checkpoints import checkpoint_dirs
 from mipo_local.train.loop import train
 from mipo_local.workspace import Workspace
@@ -69,6 +77,47 @@ def test_split_order_and_packing_are_pure_functions():
         True,
     ]  # the rejected answer skips the chosen
     assert p.mask[1, 4].tolist() == [False] * 4 + [True] + [False] * (w - 5)  # padding sees only itself
+
+
+def test_packing_sequences_one_causal_row_each():
+    p = pack_sequences([([1, 2], [3, 4]), ([5], [6])])
+    w = p.tokens.shape[1]
+    assert w % PAD_TO == 0 and p.tokens[:, :4].tolist() == [[1, 2, 3, 4], [5, 6, 0, 0]]
+    assert p.positions[1, :3].tolist() == [0, 1, 2] and p.n_sequences == 2
+    assert (
+        p.predictors.tolist() == [1, 2, w]
+        and p.targets.tolist() == [3, 4, 6]
+        and p.owner.tolist() == [0, 0, 1]
+    )
+    assert p.mask[0, 2, :4].tolist() == [True, True, True, False] and p.mask[1, 3, :4].tolist() == [
+        False
+    ] * 3 + [True]
+    with pytest.raises(ValueError):
+        pack_sequences([([1], [])])
+
+
+def _pair(**kw) -> Pair:
+    fields = {"id": 1, "pair_key": "k", "prompt": "Hi?", "context": "I am Ana.", "neg_context": "I like boats.",
+              "neg_prompt": None, "strategy": "random-context", "chosen": "Hello Ana, well", "rejected": "Fine",
+              "seed": 0, "settings": {}, "scores": None, "pmi_margin": None, "source": "generated"}  # fmt: skip
+    return Pair(**{**fields, **kw})
+
+
+def test_other_context_sequences_are_encoded_where_the_negative_came_from_another_context(tiny_gguf):
+    from mipo_local.chat import chat_format
+
+    cf = chat_format(str(tiny_gguf))
+    random_context = encode_pairs(str(tiny_gguf), [_pair()], 512)[0].encoded
+    assert random_context.other_prompt == cf.prompt_ids("I like boats.", "Hi?")
+    assert random_context.other_rejected == cf.response_ids("I like boats.", "Hi?", "Fine")
+    no_context = encode_pairs(str(tiny_gguf), [_pair(neg_context=None, strategy="no-context")], 512)[0]
+    assert no_context.encoded.other_prompt == cf.prompt_ids(None, "Hi?")
+    # A random-prompt negative was sampled under the user's own context: nothing to anchor elsewhere.
+    random_prompt = _pair(neg_context=None, neg_prompt="Bye?", strategy="random-prompt")
+    assert encode_pairs(str(tiny_gguf), [random_prompt], 512)[0].encoded.other_prompt is None
+    # Cut to --max-len like the pair's own answers.
+    short = encode_pairs(str(tiny_gguf), [_pair(rejected="word " * 200)], 64)[0].encoded
+    assert len(short.other_prompt) + len(short.other_rejected) == 64
 
 
 def test_run_writes_adapter_heldout_and_log(tiny_workspace):
@@ -168,6 +217,22 @@ def test_cancel_damaged_checkpoint_nan_and_resume(tiny_workspace):
         (ck / "backend.json").write_text("{")
     with pytest.raises(TrainingError, match="No checkpoint .* can be read"):
         _drive(train(tiny_workspace, settings, run_name="c", resume=True))
+
+
+def test_other_context_kl_is_logged_and_a_run_from_before_it_resumes_without_it(tiny_workspace):
+    insert_pairs(tiny_workspace, signal_pairs(12))  # no negative context: anchored under no context
+    settings = TrainSettings(**{**FAST.__dict__, "checkpoint_every": 100, "eval_fraction": 0.0})
+    _drive(train(tiny_workspace, settings, run_name="k"), stop_after_step=2)
+    logged = runs.read_log(tiny_workspace, runs.get_run(tiny_workspace, "k").id, "train")
+    assert len(logged) == 2 and all(x["other_kl"] >= 0 for x in logged) and logged[1]["other_kl"] > 0
+    # A run stored before the setting existed trained without the anchor, and resumes so.
+    with tiny_workspace.transaction() as conn:
+        stored = json.loads(conn.execute("SELECT settings FROM runs WHERE name = 'k'").fetchone()[0])
+        del stored["other_context_kl"]
+        conn.execute("UPDATE runs SET settings = ? WHERE name = 'k'", (json.dumps(stored),))
+    _drive(train(tiny_workspace, settings, run_name="k", resume=True), stop_after_step=3)
+    logged = runs.read_log(tiny_workspace, runs.get_run(tiny_workspace, "k").id, "train")
+    assert len(logged) == 3 and "other_kl" not in logged[2]
 
 
 def test_reference_from_llama_cpp_logs_its_distance_to_the_exact_one(tiny_workspace):

@@ -9,6 +9,7 @@ Measured on this machine (summed log-probs of ~8-30 token responses, MLX fp32 on
 - MLX vs torch, DPO loss: relative difference < 1e-6; LoRA gradients: cosine similarity > 0.99999.
 """
 
+import dataclasses
 import json
 
 import gguf
@@ -271,14 +272,24 @@ def test_same_init_same_batch_gives_the_torch_backends_loss_and_gradients(kind, 
     mlx_b.set_lora_tensors(init)
     torch_b.set_lora_tensors(init)
     ref_c, ref_r = base_mlx
-    for i in (0, 2):  # two micro-batches accumulated into one step; the second with the SFT anchor on
-        batch = PairBatch(pairs[i : i + 2], ref_c[i : i + 2], ref_r[i : i + 2])
-        sft = 0.5 if i else 0.0
-        m_mlx = mlx_b.accumulate(batch, beta=0.1, loss_scale=0.5, sft_weight=sft)
-        m_torch = torch_b.accumulate(batch, beta=0.1, loss_scale=0.5, sft_weight=sft)
+    # The second pair of the second micro-batch also carries its rejected answer under another context.
+    cf = chat_format(str(models[kind]))
+    other = dataclasses.replace(
+        pairs[2], other_prompt=cf.prompt_ids("I like boats.", "Question 2?"),
+        other_rejected=cf.response_ids("I like boats.", "Question 2?", "No." * 3),
+    )  # fmt: skip
+    for i in (0, 2):  # two micro-batches accumulated into one step; the second with both anchors on
+        batch = PairBatch([other, pairs[3]] if i else pairs[:2], ref_c[i : i + 2], ref_r[i : i + 2])
+        sft, kl_weight = (0.5, 5.0) if i else (0.0, 0.0)
+        m_mlx = mlx_b.accumulate(batch, beta=0.1, loss_scale=0.5, sft_weight=sft, kl_weight=kl_weight)
+        m_torch = torch_b.accumulate(batch, beta=0.1, loss_scale=0.5, sft_weight=sft, kl_weight=kl_weight)
         assert abs(m_mlx["loss"] - np.log(2)) > 1e-3  # the random LoRA moved the policy off the reference
         assert abs(m_mlx["loss"] - m_torch["loss"]) / m_torch["loss"] < 1e-4
         assert m_mlx["margin"] == pytest.approx(m_torch["margin"], rel=1e-3, abs=1e-6)
+        if kl_weight:
+            assert m_mlx["other_kl"] > 1e-4 and m_mlx["other_kl"] == pytest.approx(
+                m_torch["other_kl"], rel=1e-3
+            )
     g_mlx, g_torch = mlx_b.lora_gradients(), _torch_gradients(torch_b)
     assert set(g_mlx) == set(g_torch) == set(init)
     for name in g_mlx:

@@ -1,5 +1,7 @@
 """The torch backend on the tiny model: base log-probs vs llama.cpp, packing, LoRA in GGUF layout, state."""
 
+import contextlib
+
 import gguf
 import numpy as np
 import pytest
@@ -11,7 +13,7 @@ from mipo_local.engine import Engine
 from mipo_local.errors import TrainingError
 from mipo_local.train.backend import LoraConfig, LoraTensor, PairBatch
 from mipo_local.train.torch_backend import TorchBackend, gguf_permute_rows, gguf_unpermute_rows
-from mipo_local.train.torch_head import head_logprobs
+from mipo_local.train.torch_head import head_kl, head_logprobs
 from mipo_local.train.torch_mlp import GatedActivation
 
 # Summed response log-probs, torch vs llama.cpp on the same GGUF (measured on these pairs, 3-30 tokens):
@@ -208,6 +210,85 @@ def test_gemma3_from_pypi_matches_llama_cpp_and_trains(tmp_path):
     assert b.accumulate(batch, beta=0.1, loss_scale=1.0)["margin"] > 0
     tensors = b.lora_tensors()
     assert len(tensors) == 3 * b.model.config.num_hidden_layers and "blk.0.attn_q.weight" in tensors
+
+
+def _with_other(tiny_gguf, context: str | None) -> list:
+    """The `pairs` fixture's pairs (new objects), each with its rejected answer sampled under `context`."""
+    cf = chat_format(str(tiny_gguf))
+    out = []
+    for i in range(3):
+        q, rejected = f"Question {i}?", "No." * (i + 1)
+        e = cf.encode_pair("I am Ana.", q, "Hello Ana, here you go.", rejected)
+        e.other_prompt, e.other_rejected = cf.prompt_ids(context, q), cf.response_ids(context, q, rejected)
+        out.append(e)
+    return out
+
+
+def test_other_context_kl_is_zero_at_the_reference_and_reads_the_right_tokens(tiny_gguf):
+    """The KL is taken at each token of y- after the prompt it was sampled with: it matches a plain
+    full-vocabulary KL of the model's next-token distributions there, and it is 0 while the adapter is 0."""
+    b = TorchBackend(precision="fp32", threads=2)
+    b.load(tiny_gguf, LoraConfig(rank=4, alpha=8), seed=0)
+    mixed = [*_with_other(tiny_gguf, "I like boats.")[:1], *_with_other(tiny_gguf, None)[1:2]]
+    mixed.append(chat_format(str(tiny_gguf)).encode_pair("I am Ana.", "Q?", "Yes.", "No."))  # none
+    with torch.no_grad():
+        kl, n = b._other_context_kl(mixed)
+        assert n == 2 and kl.tolist() == [0.0, 0.0, 0.0]  # LoRA's B starts at zero: policy == reference
+        for p in b.params:
+            p.add_(torch.randn_like(p) * 0.05)
+        kl, _ = b._other_context_kl(mixed)
+
+    def next_token_log_probs(e, adapter: bool):
+        ids = torch.tensor([e.other_prompt + e.other_rejected])
+        with torch.no_grad(), contextlib.nullcontext() if adapter else b.model.disable_adapter():
+            hidden = b._decoder(input_ids=ids).last_hidden_state[0]
+        start = len(e.other_prompt) - 1
+        return torch.log_softmax(hidden[start : start + len(e.other_rejected)] @ b._head_weight.T, -1)
+
+    for i in (0, 1):
+        log_p, log_q = next_token_log_probs(mixed[i], True), next_token_log_probs(mixed[i], False)
+        expected = (log_q.exp() * (log_q - log_p)).sum(-1).mean()
+        assert float(kl[i]) == pytest.approx(float(expected), rel=1e-4) and float(kl[i]) > 1e-4
+    assert float(kl[2]) == 0.0
+
+
+def test_fused_kl_head_matches_autograd_of_kl_div():
+    torch.manual_seed(0)
+    for softcap in (0.0, 5.0):
+        h = torch.randn(70, 16, requires_grad=True)
+        h_ref, w, g = torch.randn(70, 16), torch.randn(50, 16), torch.rand(70)
+        (head_kl(h, h_ref, w, softcap) * g).sum().backward()
+        fused = h.grad.clone()
+        h.grad = None
+        z, z_ref = h @ w.T, h_ref @ w.T
+        if softcap:
+            z, z_ref = softcap * torch.tanh(z / softcap), softcap * torch.tanh(z_ref / softcap)
+        log_p, log_q = torch.log_softmax(z, -1), torch.log_softmax(z_ref, -1)
+        plain = (log_q.exp() * (log_q - log_p)).sum(-1)
+        (plain * g).sum().backward()
+        assert torch.allclose(head_kl(h, h_ref, w, softcap), plain, atol=1e-5)
+        assert torch.allclose(fused, h.grad, atol=1e-5)
+
+
+def test_other_context_kl_keeps_the_other_contexts_where_the_base_had_them(tiny_gguf):
+    pairs = _with_other(tiny_gguf, "I like boats.")
+
+    def kl_after_training(weight: float) -> float:
+        b = TorchBackend(precision="fp32", threads=2)
+        b.load(tiny_gguf, LoraConfig(rank=4, alpha=8), seed=0)
+        ref_c, ref_r = b.logprobs(pairs, adapter=False)
+        for _ in range(3):
+            m = b.accumulate(PairBatch(pairs, ref_c, ref_r), beta=0.1, loss_scale=1.0, kl_weight=weight)
+            b.optimizer_step(1e-2)
+            assert ("other_kl" in m) == (weight > 0)
+        with torch.no_grad():
+            kl, _ = b._other_context_kl(pairs)
+        return float(kl.mean())
+
+    # DPO changes the answers under every context; the anchor holds the other contexts near the base
+    # (measured: KL 0.029 nats a token without, 0.0033 with weight 10).
+    without, held = kl_after_training(0.0), kl_after_training(10.0)
+    assert held < 0.5 * without
 
 
 def test_sft_weight_pulls_the_chosen_answers_up(tiny_gguf, pairs):

@@ -77,10 +77,17 @@ class Backend(ABC):
 
     @abstractmethod
     def accumulate(
-        self, batch: PairBatch, *, beta: float, loss_scale: float, sft_weight: float = 0.0
+        self,
+        batch: PairBatch,
+        *,
+        beta: float,
+        loss_scale: float,
+        sft_weight: float = 0.0,
+        kl_weight: float = 0.0,
     ) -> dict[str, float]:
         """Forward + backward of the DPO objective (dpo.dpo_objective) on `batch`, adding `loss_scale` *
-        gradients to the buffers.
+        gradients to the buffers. kl_weight > 0 also reads the pairs' other-context sequences (and
+        reports their mean per-token KL from the reference as `other_kl`).
 
         Returns the batch's metrics (loss, chosen/rejected rewards, margin, accuracy, tokens).
         """

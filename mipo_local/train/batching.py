@@ -48,8 +48,24 @@ def encode_pairs(base_gguf: str, pairs: list[Pair], max_len: int) -> list[TrainP
                 f"Pair {p.id}'s prompt (context + question) is {len(e.prompt)} tokens, too long for "
                 f"--max-len {max_len}; raise --max-len."
             )
-        out.append(TrainPair(p.id, EncodedPair(e.prompt, e.chosen[:room], e.rejected[:room])))
+        other_prompt = other_rejected = None
+        if _sampled_elsewhere(p):
+            other_prompt = cf.prompt_ids(p.neg_context or None, p.prompt)
+            other_rejected = cf.response_ids(p.neg_context or None, p.prompt, p.rejected)
+            other_rejected = other_rejected[: max(0, max_len - len(other_prompt))] or None
+            other_prompt = other_prompt if other_rejected else None
+        encoded = EncodedPair(e.prompt, e.chosen[:room], e.rejected[:room], other_prompt, other_rejected)
+        out.append(TrainPair(p.id, encoded))
     return out
+
+
+def _sampled_elsewhere(p: Pair) -> bool:
+    """Whether the rejected answer was sampled for the same question under another context (or none).
+
+    Those pairs can anchor the model's behaviour outside the user's context. A random-prompt negative was
+    sampled with the user's own context, so it cannot.
+    """
+    return not p.neg_prompt and (p.neg_context or None) != (p.context or None)
 
 
 def _rank_key(seed: int, pair_id: int) -> bytes:
@@ -135,3 +151,30 @@ def pack_pairs(pairs: list[EncodedPair]) -> PackedPairs:
         owner += [2 * i] * c + [2 * i + 1] * r
     as_i64 = lambda x: np.asarray(x, dtype=np.int64)  # noqa: E731
     return PackedPairs(tokens, positions, mask, as_i64(predictors), as_i64(targets), as_i64(owner), 2 * n)
+
+
+def pack_sequences(seqs: list[tuple[list[int], list[int]]]) -> PackedPairs:
+    """(prompt, response) token sequences as model input, one causal row each, padded to the longest.
+
+    Sequence i is row i; its response tokens are scored (`owner` = i). Used for the pairs' other-context
+    sequences, which share no prompt with anything else in a batch.
+    """
+    if not seqs or not all(p and r for p, r in seqs):
+        raise ValueError("every packed sequence needs a prompt and a non-empty response")
+    width = -(-max(len(p) + len(r) for p, r in seqs) // PAD_TO) * PAD_TO
+    n = len(seqs)
+    tokens = np.zeros((n, width), np.int64)
+    positions = np.tile(np.arange(width, dtype=np.int64), (n, 1))
+    mask = np.zeros((n, width, width), bool)
+    predictors, targets, owner = [], [], []
+    causal = np.tril(np.ones((width, width), bool))
+    for i, (p, r) in enumerate(seqs):
+        used = len(p) + len(r)
+        tokens[i, :used] = [*p, *r]
+        mask[i, :used, :used] = causal[:used, :used]
+        mask[i, np.arange(used, width), np.arange(used, width)] = True  # padding sees itself (no empty rows)
+        predictors += range(i * width + len(p) - 1, i * width + used - 1)
+        targets += r
+        owner += [i] * len(r)
+    as_i64 = lambda x: np.asarray(x, dtype=np.int64)  # noqa: E731
+    return PackedPairs(tokens, positions, mask, as_i64(predictors), as_i64(targets), as_i64(owner), n)

@@ -100,6 +100,7 @@ def validate(s: TrainSettings) -> None:
         ("lr", 0 < s.lr < 1, "between 0 and 1"),
         ("beta", s.beta > 0, "positive"),
         ("sft_weight", 0 <= s.sft_weight <= 10, "between 0 and 10"),
+        ("other_context_kl", 0 <= s.other_context_kl <= 100, "between 0 and 100"),
         ("alpha", s.alpha > 0, "positive"),
         ("eval_fraction", 0 <= s.eval_fraction <= 0.5, "between 0 and 0.5"),
         ("warmup_ratio", 0 <= s.warmup_ratio < 1, "between 0 and 1"),
@@ -158,6 +159,7 @@ def train(
                 )
             known = {f.name for f in dataclasses.fields(TrainSettings)}
             stored = {k: v for k, v in run.settings.items() if k in known}
+            stored.setdefault("other_context_kl", 0.0)  # a run started before the anchor existed had none
             settings = TrainSettings(**{**stored, "targets": tuple(stored["targets"])})
         else:
             run = runs.create_run(
@@ -275,11 +277,12 @@ def _train_run(ws, settings, run, model, pairs, resume) -> Generator[Progress | 
                             beta=settings.beta,
                             loss_scale=len(mb) / len(chosen),
                             sft_weight=settings.sft_weight,
+                            kl_weight=settings.other_context_kl,
                         ),
                     )
                 )
-            keys = ("loss", "reward_chosen", "reward_rejected", "margin", "accuracy")
-            metrics = {k: sum(n * m[k] for n, m in parts) / len(chosen) for k in keys}
+            keys = ("loss", "reward_chosen", "reward_rejected", "margin", "accuracy", "other_kl")
+            metrics = {k: sum(n * m[k] for n, m in parts) / len(chosen) for k in keys if k in parts[0][1]}
             if not math.isfinite(metrics["loss"]):
                 raise TrainingError(
                     f"The loss became {metrics['loss']} at step {step + 1}; training stopped and the last "

@@ -109,6 +109,7 @@ class MLXBackend(Backend):
         )  # torch's AdamW semantics, so both backends train alike
         self._grads = None
         self._loss_and_grad = nn.value_and_grad(self.model, self._dpo_loss)
+        self._kl_and_grad = nn.value_and_grad(self.model, self._kl_loss)
         mx.eval(self.model.parameters())
 
     def _lora_modules(self):
@@ -142,14 +143,48 @@ class MLXBackend(Backend):
 
         Right padding needs no attention mask: the causal mask keeps real tokens from seeing it.
         """
-        hidden = self.model.model(ids)[rows, cols]
-        logits = (
-            self.model.lm_head(hidden)
-            if "lm_head" in self.model
-            else self.model.model.embed_tokens.as_linear(hidden)
-        ).astype(mx.float32)
+        logits = self._head(self.model.model(ids)[rows, cols])
         token_lp = mx.take_along_axis(logits, targets[:, None], axis=-1)[:, 0] - mx.logsumexp(logits, axis=-1)
         return owner @ token_lp
+
+    def _head(self, hidden: mx.array) -> mx.array:
+        """fp32 logits of final hidden states (a tied head is the embedding matrix)."""
+        head = self.model.lm_head if "lm_head" in self.model else self.model.model.embed_tokens.as_linear
+        return head(hidden).astype(mx.float32)
+
+    @staticmethod
+    def _other_layout(pairs: list[EncodedPair]):
+        """The pairs' other-context sequences (y- after the prompt it was sampled with), right-padded; where
+        each y- token is; and a (pairs x tokens) matrix of 1/|y-| that averages each pair's per-token values
+        (a zero row for a pair without one). None when no pair has one."""
+        owners = [i for i, e in enumerate(pairs) if e.other_prompt]
+        if not owners:
+            return None
+        seqs = [pairs[i].other_prompt + pairs[i].other_rejected for i in owners]
+        ids = np.zeros((len(seqs), max(len(q) for q in seqs)), np.int32)
+        rows, cols, spans = [], [], []
+        for j, i in enumerate(owners):
+            p, r = len(pairs[i].other_prompt), len(pairs[i].other_rejected)
+            ids[j, : p + r] = seqs[j]
+            rows += [j] * r
+            cols += range(p - 1, p + r - 1)
+            spans.append((i, r))
+        spread = np.zeros((len(pairs), len(rows)), np.float32)
+        start = 0
+        for i, r in spans:
+            spread[i, start : start + r] = 1.0 / r
+            start += r
+        return mx.array(ids), mx.array(np.array(rows)), mx.array(np.array(cols)), mx.array(spread)
+
+    def _log_softmax_at(self, ids, rows, cols) -> mx.array:
+        logits = self._head(self.model.model(ids)[rows, cols])
+        return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+
+    def _kl_loss(self, ids, rows, cols, spread, ref_log_q, weight: float):
+        """`weight` times the pairs' mean per-token KL(reference || policy) (dpo.py), and the KL per pair."""
+        log_p = self._log_softmax_at(ids, rows, cols)
+        per_pair = spread @ (mx.exp(ref_log_q) * (ref_log_q - log_p)).sum(axis=-1)
+        return weight * per_pair.mean(), per_pair
 
     @contextlib.contextmanager
     def _adapter_off(self):
@@ -188,7 +223,13 @@ class MLXBackend(Backend):
         return objective.mean() * loss_scale, loss, r_c, r_r
 
     def accumulate(
-        self, batch: PairBatch, *, beta: float, loss_scale: float, sft_weight: float = 0.0
+        self,
+        batch: PairBatch,
+        *,
+        beta: float,
+        loss_scale: float,
+        sft_weight: float = 0.0,
+        kl_weight: float = 0.0,
     ) -> dict[str, float]:
         self.model.train()
         if self.lora.dropout > 0:  # dropout masks as a pure function of (seed, micro-batch): resumable
@@ -196,7 +237,19 @@ class MLXBackend(Backend):
         ref_c = mx.array(np.asarray(batch.ref_chosen, np.float32))
         ref_r = mx.array(np.asarray(batch.ref_rejected, np.float32))
         n_c = mx.array(np.array([len(e.chosen) for e in batch.pairs], np.float32))
+        extra = {}
+        other = self._other_layout(batch.pairs) if kl_weight > 0 else None
         with _oom_as_memory_error():
+            if other is not None:
+                with self._adapter_off():
+                    ref_log_q = self._log_softmax_at(*other[:3])
+                    mx.eval(ref_log_q)
+                (_, per_pair), grads = self._kl_and_grad(*other, ref_log_q, kl_weight * loss_scale)
+                self._grads = grads if self._grads is None else tree_map(mx.add, self._grads, grads)
+                mx.eval(self._grads, per_pair)
+                extra["other_kl"] = float(np.array(per_pair).sum()) / other[0].shape[0]
+            elif kl_weight > 0:
+                extra["other_kl"] = 0.0
             (_, loss, r_c, r_r), grads = self._loss_and_grad(
                 self._layout(batch.pairs), ref_c, ref_r, n_c, beta, loss_scale, sft_weight
             )
@@ -205,7 +258,7 @@ class MLXBackend(Backend):
         self._micro_batches += 1
         metrics = dpo_metrics(np.array(loss), np.array(r_c), np.array(r_r))
         metrics["tokens"] = float(sum(len(e.prompt) + len(e.chosen) + len(e.rejected) for e in batch.pairs))
-        return metrics
+        return {**metrics, **extra}
 
     def optimizer_step(self, lr: float, *, max_grad_norm: float = 1.0) -> float:
         if self._grads is None:

@@ -26,7 +26,7 @@ from .. import gguf_io
 from ..chat import EncodedPair
 from ..errors import ModelError, TrainingError
 from .backend import Backend, LoraConfig, LoraTensor, PairBatch
-from .batching import pack_pairs
+from .batching import pack_pairs, pack_sequences
 from .dpo import dpo_metrics, dpo_objective, dpo_terms
 
 HF_PROJ = {
@@ -156,6 +156,21 @@ class TorchBackend(Backend):
 
     # -- forward ------------------------------------------------------------------------------
 
+    def _hidden(self, packed):
+        """The decoder's final hidden states of a packed batch, flattened to (rows * columns, dim)."""
+        import torch
+
+        dev = self.device
+        ids = torch.from_numpy(packed.tokens).to(dev)
+        pos = torch.from_numpy(packed.positions).to(dev)
+        mask = torch.from_numpy(packed.mask).to(dev)[:, None]
+        if self._window:  # local-attention layers (gemma3, some qwen) see only the last `window` positions
+            near = (pos[:, :, None] - pos[:, None, :]) < self._window
+            mask = {"full_attention": mask, "sliding_attention": mask & near[:, None]}
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.bf16):
+            hidden = self._decoder(input_ids=ids, position_ids=pos, attention_mask=mask).last_hidden_state
+        return hidden.reshape(-1, hidden.shape[-1])
+
     def _sequence_logps(self, pairs: list[EncodedPair]):
         """Summed response log-probs of [chosen_0, rejected_0, chosen_1, ...] as a 1-D fp32 tensor.
 
@@ -168,20 +183,38 @@ class TorchBackend(Backend):
 
         packed = pack_pairs(pairs)
         dev = self.device
-        ids = torch.from_numpy(packed.tokens).to(dev)
-        pos = torch.from_numpy(packed.positions).to(dev)
-        mask = torch.from_numpy(packed.mask).to(dev)[:, None]
-        if self._window:  # local-attention layers (gemma3, some qwen) see only the last `window` positions
-            near = (pos[:, :, None] - pos[:, None, :]) < self._window
-            mask = {"full_attention": mask, "sliding_attention": mask & near[:, None]}
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.bf16):
-            hidden = self._decoder(input_ids=ids, position_ids=pos, attention_mask=mask).last_hidden_state
-        rows = hidden.reshape(-1, hidden.shape[-1])[torch.from_numpy(packed.predictors).to(dev)]
+        rows = self._hidden(packed)[torch.from_numpy(packed.predictors).to(dev)]
         token_lp = head_logprobs(
             rows, self._head_weight, torch.from_numpy(packed.targets).to(dev), self._softcap
         )
         sums = torch.zeros(packed.n_sequences, dtype=torch.float32, device=dev)
         return sums.index_add(0, torch.from_numpy(packed.owner).to(dev), token_lp)
+
+    def _other_context_kl(self, pairs: list[EncodedPair]):
+        """Each pair's mean per-token KL(reference || policy) over the whole vocabulary on its other-context
+        sequence (y- after the prompt it was sampled with), 0 for pairs without one; and how many have one.
+
+        The reference's distributions come from the same rows with the adapter off, without gradients."""
+        import torch
+
+        from .torch_head import head_kl
+
+        dev = self.device
+        owners = [i for i, e in enumerate(pairs) if e.other_prompt]
+        out = torch.zeros(len(pairs), dtype=torch.float32, device=dev)
+        if not owners:
+            return out, 0
+        packed = pack_sequences([(pairs[i].other_prompt, pairs[i].other_rejected) for i in owners])
+        predictors = torch.from_numpy(packed.predictors).to(dev)
+        with torch.no_grad(), self.model.disable_adapter():
+            ref_rows = self._hidden(packed)[predictors]
+        token_kl = head_kl(self._hidden(packed)[predictors], ref_rows, self._head_weight, self._softcap)
+        seq = torch.from_numpy(packed.owner).to(dev)
+        lengths = torch.tensor(
+            [len(pairs[i].other_rejected) for i in owners], dtype=torch.float32, device=dev
+        )
+        per_sequence = torch.zeros(len(owners), dtype=torch.float32, device=dev).index_add(0, seq, token_kl)
+        return out.index_add(0, torch.tensor(owners, device=dev), per_sequence / lengths), len(owners)
 
     def logprobs(self, pairs: list[EncodedPair], *, adapter: bool) -> tuple[np.ndarray, np.ndarray]:
         import torch
@@ -197,23 +230,37 @@ class TorchBackend(Backend):
         return lp[0::2], lp[1::2]
 
     def accumulate(
-        self, batch: PairBatch, *, beta: float, loss_scale: float, sft_weight: float = 0.0
+        self,
+        batch: PairBatch,
+        *,
+        beta: float,
+        loss_scale: float,
+        sft_weight: float = 0.0,
+        kl_weight: float = 0.0,
     ) -> dict[str, float]:
         import torch
 
         self.model.train()
+        dev = self.device
+        extra = {}
         with _oom_as_memory_error():
+            if kl_weight > 0:
+                # Its own backward pass first: the two graphs are never held at once (a lower peak).
+                other_kl, n_other = self._other_context_kl(batch.pairs)
+                if n_other:
+                    (kl_weight * other_kl.mean() * loss_scale).backward()
+                extra["other_kl"] = float(other_kl.detach().sum()) / max(1, n_other)
             lp = self._sequence_logps(batch.pairs)
-            ref_c = torch.tensor(batch.ref_chosen, dtype=torch.float32, device=self.device)
-            ref_r = torch.tensor(batch.ref_rejected, dtype=torch.float32, device=self.device)
+            ref_c = torch.tensor(batch.ref_chosen, dtype=torch.float32, device=dev)
+            ref_r = torch.tensor(batch.ref_rejected, dtype=torch.float32, device=dev)
             loss, r_c, r_r = dpo_terms(lp[0::2], lp[1::2], ref_c, ref_r, beta, torch)
-            n_c = torch.tensor([len(e.chosen) for e in batch.pairs], dtype=torch.float32, device=self.device)
+            n_c = torch.tensor([len(e.chosen) for e in batch.pairs], dtype=torch.float32, device=dev)
             (dpo_objective(loss, lp[0::2], n_c, sft_weight).mean() * loss_scale).backward()
         if self.device.type == "cpu":
             _return_freed_memory()
         metrics = dpo_metrics(*(x.detach().cpu().numpy() for x in (loss, r_c, r_r)))
         metrics["tokens"] = float(sum(len(e.prompt) + len(e.chosen) + len(e.rejected) for e in batch.pairs))
-        return metrics
+        return {**metrics, **extra}
 
     def optimizer_step(self, lr: float, *, max_grad_norm: float = 1.0) -> float:
         import torch

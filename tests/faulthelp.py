@@ -64,6 +64,12 @@ def live_job_locks(ws_root: Path) -> list[tuple]:
     return alive
 
 
+def _ctrl_c_as_at_a_terminal() -> None:
+    """In the child: SIGINT back to its default. A suite started in the background (`pytest &`, nohup)
+    inherits SIGINT as ignored, and so would the CLI; the tests send it Ctrl-C as a user at a terminal would."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @dataclass
 class CliRun:
     """One CLI subprocess whose stderr lines are read as they come, with the time each arrived."""
@@ -78,8 +84,9 @@ class CliRun:
     def start(self) -> CliRun:
         self.started = time.monotonic()
         self.proc = subprocess.Popen(
-            [*CLI, *self.args], env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-        )
+            [*CLI, *self.args], env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            preexec_fn=_ctrl_c_as_at_a_terminal,
+        )  # fmt: skip
         self._seen = threading.Condition()
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()

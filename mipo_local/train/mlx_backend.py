@@ -123,20 +123,27 @@ class MLXBackend(Backend):
     # -- forward -------------------------------------------------------------------------------------
 
     @staticmethod
-    def _layout(pairs: list[EncodedPair]):
-        """Token ids (right-padded) of [chosen_0, rejected_0, chosen_1, ...] and where each response token is."""
-        seqs = [e.prompt + r for e in pairs for r in (e.chosen, e.rejected)]
-        spans = [(len(e.prompt), len(r)) for e in pairs for r in (e.chosen, e.rejected)]
-        ids = np.zeros((len(seqs), max(len(s) for s in seqs)), np.int32)
+    def _sequence_layout(seqs: list[tuple[list[int], list[int]]]):
+        """(prompt, response) sequences as numpy arrays: token ids (right-padded), the row and column of the
+        state predicting each response token, the tokens, and a (sequences x tokens) 0/1 owner matrix."""
+        ids = np.zeros((len(seqs), max(len(p) + len(r) for p, r in seqs)), np.int32)
         rows, cols, targets = [], [], []
-        for i, (seq, (p, r)) in enumerate(zip(seqs, spans, strict=True)):
-            ids[i, : len(seq)] = seq
-            rows += [i] * r
-            cols += range(p - 1, p + r - 1)  # the position before each response token predicts it
-            targets += seq[p : p + r]
+        for i, (p, r) in enumerate(seqs):
+            ids[i, : len(p) + len(r)] = [*p, *r]
+            rows += [i] * len(r)
+            cols += range(
+                len(p) - 1, len(p) + len(r) - 1
+            )  # the position before each response token predicts it
+            targets += r
         owner = np.zeros((len(seqs), len(rows)), np.float32)  # sums per sequence as one matmul
         owner[rows, np.arange(len(rows))] = 1.0
-        return tuple(mx.array(a) for a in (ids, np.array(rows), np.array(cols), np.array(targets), owner))
+        return ids, np.array(rows), np.array(cols), np.array(targets), owner
+
+    @staticmethod
+    def _layout(pairs: list[EncodedPair]):
+        """Token ids (right-padded) of [chosen_0, rejected_0, chosen_1, ...] and where each response token is."""
+        seqs = [(e.prompt, r) for e in pairs for r in (e.chosen, e.rejected)]
+        return tuple(mx.array(a) for a in MLXBackend._sequence_layout(seqs))
 
     def _sequence_logps(self, ids, rows, cols, targets, owner) -> mx.array:
         """Summed response log-probs per sequence, in fp32; the output head runs at response positions only.
@@ -154,27 +161,18 @@ class MLXBackend(Backend):
 
     @staticmethod
     def _other_layout(pairs: list[EncodedPair]):
-        """The pairs' other-context sequences (y- after the prompt it was sampled with), right-padded; where
-        each y- token is; and a (pairs x tokens) matrix of 1/|y-| that averages each pair's per-token values
-        (a zero row for a pair without one). None when no pair has one."""
+        """The pairs' other-context sequences (y- after the prompt it was sampled with) laid out as in _layout,
+        with a (pairs x tokens) matrix of 1/|y-| in place of the owner matrix: it averages each pair's
+        per-token values (a zero row for a pair without one). None when no pair has one."""
         owners = [i for i, e in enumerate(pairs) if e.other_prompt]
         if not owners:
             return None
-        seqs = [pairs[i].other_prompt + pairs[i].other_rejected for i in owners]
-        ids = np.zeros((len(seqs), max(len(q) for q in seqs)), np.int32)
-        rows, cols, spans = [], [], []
-        for j, i in enumerate(owners):
-            p, r = len(pairs[i].other_prompt), len(pairs[i].other_rejected)
-            ids[j, : p + r] = seqs[j]
-            rows += [j] * r
-            cols += range(p - 1, p + r - 1)
-            spans.append((i, r))
-        spread = np.zeros((len(pairs), len(rows)), np.float32)
-        start = 0
-        for i, r in spans:
-            spread[i, start : start + r] = 1.0 / r
-            start += r
-        return mx.array(ids), mx.array(np.array(rows)), mx.array(np.array(cols)), mx.array(spread)
+        ids, rows, cols, _, owner = MLXBackend._sequence_layout(
+            [(pairs[i].other_prompt, pairs[i].other_rejected) for i in owners]
+        )
+        to_pairs = np.zeros((len(pairs), len(owners)), np.float32)
+        to_pairs[owners, np.arange(len(owners))] = [1.0 / len(pairs[i].other_rejected) for i in owners]
+        return tuple(mx.array(a) for a in (ids, rows, cols, to_pairs @ owner))
 
     def _log_softmax_at(self, ids, rows, cols) -> mx.array:
         logits = self._head(self.model.model(ids)[rows, cols])

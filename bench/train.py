@@ -116,7 +116,7 @@ def child_mipo(cfg: dict) -> dict:
         grad_accum=h["grad_accum"], epochs=h["epochs"], max_len=h["max_len"], eval_fraction=0.0,
         threads=cfg["threads"], checkpoint_every=10**6, eval_every=10**6, precision=cfg["precision"],
         grad_checkpointing=cfg.get("grad_checkpointing", False),
-        # TRL has no such term, and it doubles the work (the SFT anchor reuses the chosen log-probs: free).
+        # TRL has no such term, and it adds about half the work (the SFT anchor reuses the chosen log-probs).
         other_context_kl=0.0,
     )  # fmt: skip
     gen = train(ws, settings, run_name="bench")

@@ -123,16 +123,16 @@ class Tokenizer:
 class EncodedPair:
     """One preference pair as token ids: the shared prompt and the two responses.
 
-    `other_prompt` / `other_rejected`: the rejected answer once more, after the prompt it was sampled with
-    (another persona's context, or none). Set where that context is not the user's; training's other-context
-    anchor keeps the model's answers there where the base had them.
+    `anchor_prompt` / `anchor_response`: a response once more under a context that is not the user's (by
+    default the chosen answer with no system turn; train/batching.anchor_sequence). Training's
+    other-context KL anchor keeps the model's answers there where the base had them.
     """
 
     prompt: list[int]
     chosen: list[int]
     rejected: list[int]
-    other_prompt: list[int] | None = None
-    other_rejected: list[int] | None = None
+    anchor_prompt: list[int] | None = None
+    anchor_response: list[int] | None = None
 
 
 class ChatFormat:

@@ -50,9 +50,12 @@ class TrainSettings:
     lr: float = 5e-4
     beta: float = 0.1
     sft_weight: float = 1.0  # weight of the chosen answer's per-token NLL added to the DPO loss (RPO)
-    # Weight of the KL from the base to the model on the rejected answer under the context it was sampled
-    # with (dpo.py): keeps the model's answers outside the user's context where the base had them. 0: off.
-    other_context_kl: float = 10.0
+    # Weight of the KL from the base to the model on each pair's anchor sequence: keeps the model's answers
+    # outside the user's context where the base had them. 0: off. The sequence (train/batching.py):
+    # "no-context": the chosen answer with no system turn; "rejected": the rejected answer under the context
+    # it was sampled with. bench/README.md measures both.
+    other_context_kl: float = 30.0
+    kl_anchor: str = "no-context"
     rank: int = 8
     alpha: float = 16.0
     targets: tuple[str, ...] = LORA_TARGETS

@@ -1,6 +1,7 @@
 """The training loop on the tiny model: outputs, run log, resume (cancel, kill -9, damaged checkpoints),
 bad input, NaN, out of memory, the reference cache; one slow run on the default model."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -28,7 +29,7 @@ from mipo_local.train.batching import (
     split_heldout,
 )
 from mipo_local.train.checkpoints import checkpoint_dirs
-from mipo_local.train.loop import train
+from mipo_local.train.loop import resumed_settings, train
 from mipo_local.workspace import Workspace
 from tests.clihelp import run_cli
 from tests.trainhelp import insert_pairs, signal_pairs
@@ -103,21 +104,44 @@ def _pair(**kw) -> Pair:
     return Pair(**{**fields, **kw})
 
 
-def test_other_context_sequences_are_encoded_where_the_negative_came_from_another_context(tiny_gguf):
+def test_rejected_anchor_is_the_negative_where_it_came_from_another_context(tiny_gguf):
     from mipo_local.chat import chat_format
 
     cf = chat_format(str(tiny_gguf))
-    random_context = encode_pairs(str(tiny_gguf), [_pair()], 512)[0].encoded
-    assert random_context.other_prompt == cf.prompt_ids("I like boats.", "Hi?")
-    assert random_context.other_rejected == cf.response_ids("I like boats.", "Hi?", "Fine")
-    no_context = encode_pairs(str(tiny_gguf), [_pair(neg_context=None, strategy="no-context")], 512)[0]
-    assert no_context.encoded.other_prompt == cf.prompt_ids(None, "Hi?")
+
+    def encoded(pair, max_len=512):
+        return encode_pairs(str(tiny_gguf), [pair], max_len, "rejected")[0].encoded
+
+    random_context = encoded(_pair())
+    assert random_context.anchor_prompt == cf.prompt_ids("I like boats.", "Hi?")
+    assert random_context.anchor_response == cf.response_ids("I like boats.", "Hi?", "Fine")
+    no_context = encoded(_pair(neg_context=None, strategy="no-context"))
+    assert no_context.anchor_prompt == cf.prompt_ids(None, "Hi?")
     # A random-prompt negative was sampled under the user's own context: nothing to anchor elsewhere.
-    random_prompt = _pair(neg_context=None, neg_prompt="Bye?", strategy="random-prompt")
-    assert encode_pairs(str(tiny_gguf), [random_prompt], 512)[0].encoded.other_prompt is None
+    assert encoded(_pair(neg_context=None, neg_prompt="Bye?", strategy="random-prompt")).anchor_prompt is None
     # Cut to --max-len like the pair's own answers.
-    short = encode_pairs(str(tiny_gguf), [_pair(rejected="word " * 200)], 64)[0].encoded
-    assert len(short.other_prompt) + len(short.other_rejected) == 64
+    short = encoded(_pair(rejected="word " * 200), 64)
+    assert len(short.anchor_prompt) + len(short.anchor_response) == 64
+
+
+def test_no_context_anchor_is_the_chosen_answer_without_a_system_turn(tiny_gguf):
+    from mipo_local.chat import chat_format
+
+    cf = chat_format(str(tiny_gguf))
+
+    def encoded(pair, max_len=512):
+        return encode_pairs(str(tiny_gguf), [pair], max_len, "no-context")[0].encoded
+
+    for pair in (_pair(), _pair(neg_context=None, neg_prompt="Bye?", strategy="random-prompt")):
+        e = encoded(pair)
+        assert e.anchor_prompt == cf.prompt_ids(None, "Hi?") != e.prompt
+        assert e.anchor_response == cf.response_ids(None, "Hi?", "Hello Ana, well")
+    # A pair without a context of its own is already answered with none: nothing to anchor.
+    assert encoded(_pair(context=None, neg_context="I like boats.")).anchor_prompt is None
+    short = encoded(_pair(chosen="word " * 200), 64)
+    assert len(short.anchor_prompt) + len(short.anchor_response) == 64
+    # No anchor asked (the KL weight is 0): no sequence.
+    assert encode_pairs(str(tiny_gguf), [_pair()], 512)[0].encoded.anchor_prompt is None
 
 
 def test_run_writes_adapter_heldout_and_log(tiny_workspace):
@@ -177,6 +201,8 @@ def test_bad_inputs(tiny_workspace):
         _drive(train(tiny_workspace, TrainSettings(targets=("qq",))))
     with pytest.raises(UserInputError, match="--lr must be between 0 and 1"):
         _drive(train(tiny_workspace, TrainSettings(lr=2.0)))
+    with pytest.raises(UserInputError, match="--kl-anchor must be no-context or rejected, not 'both'"):
+        _drive(train(tiny_workspace, TrainSettings(kl_anchor="both")))
     with pytest.raises(UserInputError, match="There is no run named 'nope'"):
         _drive(train(tiny_workspace, FAST, run_name="nope", resume=True))
     _drive(train(tiny_workspace, FAST, run_name="x"))
@@ -233,6 +259,16 @@ def test_other_context_kl_is_logged_and_a_run_from_before_it_resumes_without_it(
     _drive(train(tiny_workspace, settings, run_name="k", resume=True), stop_after_step=3)
     logged = runs.read_log(tiny_workspace, runs.get_run(tiny_workspace, "k").id, "train")
     assert len(logged) == 3 and "other_kl" not in logged[2]
+
+
+def test_a_resumed_run_keeps_the_anchor_it_started_with():
+    stored = {**dataclasses.asdict(TrainSettings()), "targets": ["q", "v"]}
+    assert resumed_settings(stored) == TrainSettings(targets=("q", "v"))
+    # Stored before --kl-anchor existed: it trained on the rejected answers.
+    del stored["kl_anchor"]
+    assert resumed_settings(stored).kl_anchor == "rejected"
+    del stored["other_context_kl"]  # before the anchor existed at all: none
+    assert resumed_settings(stored).other_context_kl == 0.0
 
 
 def test_reference_from_llama_cpp_logs_its_distance_to_the_exact_one(tiny_workspace):

@@ -275,8 +275,8 @@ def test_same_init_same_batch_gives_the_torch_backends_loss_and_gradients(kind, 
     # The second pair of the second micro-batch also carries its rejected answer under another context.
     cf = chat_format(str(models[kind]))
     other = dataclasses.replace(
-        pairs[2], other_prompt=cf.prompt_ids("I like boats.", "Question 2?"),
-        other_rejected=cf.response_ids("I like boats.", "Question 2?", "No." * 3),
+        pairs[2], anchor_prompt=cf.prompt_ids("I like boats.", "Question 2?"),
+        anchor_response=cf.response_ids("I like boats.", "Question 2?", "No." * 3),
     )  # fmt: skip
     for i in (0, 2):  # two micro-batches accumulated into one step; the second with both anchors on
         batch = PairBatch([other, pairs[3]] if i else pairs[:2], ref_c[i : i + 2], ref_r[i : i + 2])

@@ -212,14 +212,16 @@ def test_gemma3_from_pypi_matches_llama_cpp_and_trains(tmp_path):
     assert len(tensors) == 3 * b.model.config.num_hidden_layers and "blk.0.attn_q.weight" in tensors
 
 
-def _with_other(tiny_gguf, context: str | None) -> list:
-    """The `pairs` fixture's pairs (new objects), each with its rejected answer sampled under `context`."""
+def _with_other(tiny_gguf, context: str | None, anchored: str = "rejected") -> list:
+    """The `pairs` fixture's pairs (new objects), each anchored on its `anchored` answer under `context`
+    (the rejected answer sampled there, or the chosen one read with no context)."""
     cf = chat_format(str(tiny_gguf))
     out = []
     for i in range(3):
-        q, rejected = f"Question {i}?", "No." * (i + 1)
-        e = cf.encode_pair("I am Ana.", q, "Hello Ana, here you go.", rejected)
-        e.other_prompt, e.other_rejected = cf.prompt_ids(context, q), cf.response_ids(context, q, rejected)
+        q, chosen, rejected = f"Question {i}?", "Hello Ana, here you go.", "No." * (i + 1)
+        e = cf.encode_pair("I am Ana.", q, chosen, rejected)
+        text = chosen if anchored == "chosen" else rejected
+        e.anchor_prompt, e.anchor_response = cf.prompt_ids(context, q), cf.response_ids(context, q, text)
         out.append(e)
     return out
 
@@ -239,11 +241,11 @@ def test_other_context_kl_is_zero_at_the_reference_and_reads_the_right_tokens(ti
         kl, _ = b._other_context_kl(mixed)
 
     def next_token_log_probs(e, adapter: bool):
-        ids = torch.tensor([e.other_prompt + e.other_rejected])
+        ids = torch.tensor([e.anchor_prompt + e.anchor_response])
         with torch.no_grad(), contextlib.nullcontext() if adapter else b.model.disable_adapter():
             hidden = b._decoder(input_ids=ids).last_hidden_state[0]
-        start = len(e.other_prompt) - 1
-        return torch.log_softmax(hidden[start : start + len(e.other_rejected)] @ b._head_weight.T, -1)
+        start = len(e.anchor_prompt) - 1
+        return torch.log_softmax(hidden[start : start + len(e.anchor_response)] @ b._head_weight.T, -1)
 
     for i in (0, 1):
         log_p, log_q = next_token_log_probs(mixed[i], True), next_token_log_probs(mixed[i], False)
@@ -270,8 +272,11 @@ def test_fused_kl_head_matches_autograd_of_kl_div():
         assert torch.allclose(fused, h.grad, atol=1e-5)
 
 
-def test_other_context_kl_keeps_the_other_contexts_where_the_base_had_them(tiny_gguf):
-    pairs = _with_other(tiny_gguf, "I like boats.")
+@pytest.mark.parametrize(
+    "context, anchored", [("I like boats.", "rejected"), (None, "chosen")], ids=["rejected", "no-context"]
+)
+def test_other_context_kl_keeps_the_other_contexts_where_the_base_had_them(tiny_gguf, context, anchored):
+    pairs = _with_other(tiny_gguf, context, anchored)
 
     def kl_after_training(weight: float) -> float:
         b = TorchBackend(precision="fp32", threads=2)
@@ -286,7 +291,7 @@ def test_other_context_kl_keeps_the_other_contexts_where_the_base_had_them(tiny_
         return float(kl.mean())
 
     # DPO changes the answers under every context; the anchor holds the other contexts near the base
-    # (measured: KL 0.029 nats a token without, 0.0033 with weight 10).
+    # (measured, rejected / no-context: KL 0.029 / 0.015 nats a token without, 0.0033 / 0.0022 at 10).
     without, held = kl_after_training(0.0), kl_after_training(10.0)
     assert held < 0.5 * without
 

@@ -6,6 +6,7 @@ import click
 
 from ..settings import TrainSettings, with_overrides
 from ..train import runs as run_store
+from ..train.batching import ANCHORS
 from ..train.loop import train as train_job
 from .common import drive, open_workspace, table
 
@@ -41,9 +42,16 @@ def _targets(_ctx, _param, value):
     "--other-context-kl",
     type=float,
     default=None,
-    help="Add this times the per-token KL from the base model to yours on the rejected answer, under the "
-    "context it was sampled with: the model changes its answers for your context only, which halves the "
-    "damage to everything else (default: 10; 0 turns it off and trains about 1.5x faster).",
+    help="Add this times the per-token KL from the base model to yours on each pair's anchor text "
+    "(--kl-anchor): the model changes its answers for your context only, which keeps the damage to "
+    "everything else small (default: 30; 0 turns it off and trains about 1.5x faster).",
+)
+@click.option(
+    "--kl-anchor",
+    type=click.Choice(ANCHORS),
+    default=None,
+    help="The anchor text: the chosen answer with no system turn (no-context, the default), or the "
+    "rejected answer under the context it was sampled with (rejected).",
 )
 @click.option("--rank", type=int, default=None, help="LoRA rank (default: 8).")
 @click.option("--alpha", type=float, default=None, help="LoRA alpha (default: 16).")

@@ -13,15 +13,17 @@ With an SFT weight w > 0 the objective also pulls the chosen answer's likelihood
 DPO alone can lower the log-probs of both answers while it widens their gap, which moves the model away
 from ordinary text too; the anchor on y+ (the model's own, context-guided answer) holds that back.
 
-With an other-context KL weight k > 0, pairs whose negative was sampled under another context c' (a
-random persona, or none) add
+With an other-context KL weight k > 0, each pair with an anchor sequence (a response y' after a prompt
+under a context c' that is not the user's; train/batching.py) adds
 
-    k * mean over t of KL(ref(.|c',x,y-<t) || pi(.|c',x,y-<t))     at each token of y-, whole vocabulary
+    k * mean over t of KL(ref(.|c',x,y'<t) || pi(.|c',x,y'<t))     at each token of y', whole vocabulary
 
-It asks the adapter to change the answers under the user's context c only, which is what MIPO's mutual
-information between context and answer rewards, and to keep every other context (and none) where the base
-had it. The whole next-token distribution matters: the per-token NLL of y- alone (the base's own
-low-temperature sample) was measured to sharpen the model and raise the drift instead (bench/README).
+By default c' is no context at all and y' the chosen answer (`--kl-anchor no-context`); the other choice
+is the rejected answer under the persona it was sampled with (`rejected`). It asks the adapter to change
+the answers under the user's context c only, which is what MIPO's mutual information between context and
+answer rewards, and to keep every other context (and none) where the base had it. The whole next-token
+distribution matters: the per-token NLL of y- alone (the base's own low-temperature sample) was measured
+to sharpen the model and raise the drift instead (bench/README).
 
 `xp` is the array module (numpy, torch or mlx.core): the formula is written once for all of them.
 """
@@ -45,7 +47,7 @@ def dpo_objective(
     loss, policy_chosen, chosen_tokens, sft_weight: float, other_kl=None, kl_weight: float = 0.0
 ):
     """Per-pair training objective: the DPO loss plus `sft_weight` times the chosen answer's per-token NLL,
-    plus `kl_weight` times `other_kl` (each pair's mean per-token KL under c', 0 where it has none)."""
+    plus `kl_weight` times `other_kl` (each pair's mean per-token KL on its anchor sequence, 0 where it has none)."""
     objective = loss - sft_weight * policy_chosen / chosen_tokens if sft_weight else loss
     if kl_weight and other_kl is not None:
         objective = objective + kl_weight * other_kl

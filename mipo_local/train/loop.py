@@ -32,7 +32,7 @@ from ..settings import LORA_TARGETS, ExportSettings, TrainSettings
 from ..workspace import Workspace
 from . import runs
 from .backend import Backend, LoraConfig, PairBatch
-from .batching import TrainPair, encode_pairs, epoch_order, micro_batches, split_heldout
+from .batching import ANCHORS, TrainPair, encode_pairs, epoch_order, micro_batches, split_heldout
 from .checkpoints import STATE_FILE, load_latest_checkpoint, save_checkpoint
 from .dpo import dpo_metrics, dpo_terms
 from .reference import LLAMA_CPP, backend_source, cached, llama_cpp_refs, mean_abs_difference, reference_logps
@@ -101,6 +101,7 @@ def validate(s: TrainSettings) -> None:
         ("beta", s.beta > 0, "positive"),
         ("sft_weight", 0 <= s.sft_weight <= 10, "between 0 and 10"),
         ("other_context_kl", 0 <= s.other_context_kl <= 100, "between 0 and 100"),
+        ("kl_anchor", s.kl_anchor in ANCHORS, " or ".join(ANCHORS)),
         ("alpha", s.alpha > 0, "positive"),
         ("eval_fraction", 0 <= s.eval_fraction <= 0.5, "between 0 and 0.5"),
         ("warmup_ratio", 0 <= s.warmup_ratio < 1, "between 0 and 1"),
@@ -134,6 +135,16 @@ def evaluate(backend: Backend, items: list[TrainPair], refs: dict, beta: float) 
     return dpo_metrics(loss, r_c, r_r), policy
 
 
+def resumed_settings(stored: dict) -> TrainSettings:
+    """A run's settings as stored at its start; a setting added since gets the value that run trained with."""
+    known = {f.name for f in dataclasses.fields(TrainSettings)}
+    values = {k: v for k, v in stored.items() if k in known}
+    # Runs started before these settings existed had no KL anchor, then only the "rejected" one.
+    values.setdefault("other_context_kl", 0.0)
+    values.setdefault("kl_anchor", "rejected")
+    return TrainSettings(**{**values, "targets": tuple(values["targets"])})
+
+
 def train(
     ws: Workspace, settings: TrainSettings, run_name: str | None = None, resume: bool = False
 ) -> Generator[Progress | Log, None, TrainSummary]:
@@ -157,10 +168,7 @@ def train(
                 raise UserInputError(
                     f"The run '{run.name}' has already finished; there is nothing to resume."
                 )
-            known = {f.name for f in dataclasses.fields(TrainSettings)}
-            stored = {k: v for k, v in run.settings.items() if k in known}
-            stored.setdefault("other_context_kl", 0.0)  # a run started before the anchor existed had none
-            settings = TrainSettings(**{**stored, "targets": tuple(stored["targets"])})
+            settings = resumed_settings(run.settings)
         else:
             run = runs.create_run(
                 ws, run_name or runs.new_run_name(ws), backend_name(settings), asdict(settings), asdict(model)
@@ -211,7 +219,8 @@ def _train_run(ws, settings, run, model, pairs, resume) -> Generator[Progress | 
     yield Log("train", f"Loaded in {load_seconds:.0f} s; preparing {len(pairs)} pairs.")
 
     # Data: the model's own template and tokenizer; the split fixed at the run's start.
-    items = encode_pairs(str(model.file), pairs, settings.max_len)
+    anchor = settings.kl_anchor if settings.other_context_kl > 0 else None
+    items = encode_pairs(str(model.file), pairs, settings.max_len, anchor)
     train_items, held_items = _split(root, items, settings, resume)
     items = train_items + held_items
 

@@ -161,17 +161,17 @@ class MLXBackend(Backend):
 
     @staticmethod
     def _other_layout(pairs: list[EncodedPair]):
-        """The pairs' other-context sequences (y- after the prompt it was sampled with) laid out as in _layout,
-        with a (pairs x tokens) matrix of 1/|y-| in place of the owner matrix: it averages each pair's
+        """The pairs' anchor sequences (EncodedPair.anchor_prompt/anchor_response) laid out as in _layout,
+        with a (pairs x tokens) matrix of 1/|y'| in place of the owner matrix: it averages each pair's
         per-token values (a zero row for a pair without one). None when no pair has one."""
-        owners = [i for i, e in enumerate(pairs) if e.other_prompt]
+        owners = [i for i, e in enumerate(pairs) if e.anchor_prompt]
         if not owners:
             return None
         ids, rows, cols, _, owner = MLXBackend._sequence_layout(
-            [(pairs[i].other_prompt, pairs[i].other_rejected) for i in owners]
+            [(pairs[i].anchor_prompt, pairs[i].anchor_response) for i in owners]
         )
         to_pairs = np.zeros((len(pairs), len(owners)), np.float32)
-        to_pairs[owners, np.arange(len(owners))] = [1.0 / len(pairs[i].other_rejected) for i in owners]
+        to_pairs[owners, np.arange(len(owners))] = [1.0 / len(pairs[i].anchor_response) for i in owners]
         return tuple(mx.array(a) for a in (ids, rows, cols, to_pairs @ owner))
 
     def _log_softmax_at(self, ids, rows, cols) -> mx.array:

@@ -191,8 +191,8 @@ class TorchBackend(Backend):
         return sums.index_add(0, torch.from_numpy(packed.owner).to(dev), token_lp)
 
     def _other_context_kl(self, pairs: list[EncodedPair]):
-        """Each pair's mean per-token KL(reference || policy) over the whole vocabulary on its other-context
-        sequence (y- after the prompt it was sampled with), 0 for pairs without one; and how many have one.
+        """Each pair's mean per-token KL(reference || policy) over the whole vocabulary on its anchor
+        sequence (EncodedPair.anchor_prompt/anchor_response), 0 for pairs without one; and how many have one.
 
         The reference's distributions come from the same rows with the adapter off, without gradients."""
         import torch
@@ -200,18 +200,18 @@ class TorchBackend(Backend):
         from .torch_head import head_kl
 
         dev = self.device
-        owners = [i for i, e in enumerate(pairs) if e.other_prompt]
+        owners = [i for i, e in enumerate(pairs) if e.anchor_prompt]
         out = torch.zeros(len(pairs), dtype=torch.float32, device=dev)
         if not owners:
             return out, 0
-        packed = pack_sequences([(pairs[i].other_prompt, pairs[i].other_rejected) for i in owners])
+        packed = pack_sequences([(pairs[i].anchor_prompt, pairs[i].anchor_response) for i in owners])
         predictors = torch.from_numpy(packed.predictors).to(dev)
         with torch.no_grad(), self.model.disable_adapter():
             ref_rows = self._hidden(packed)[predictors]
         token_kl = head_kl(self._hidden(packed)[predictors], ref_rows, self._head_weight, self._softcap)
         seq = torch.from_numpy(packed.owner).to(dev)
         lengths = torch.tensor(
-            [len(pairs[i].other_rejected) for i in owners], dtype=torch.float32, device=dev
+            [len(pairs[i].anchor_response) for i in owners], dtype=torch.float32, device=dev
         )
         per_sequence = torch.zeros(len(owners), dtype=torch.float32, device=dev).index_add(0, seq, token_kl)
         return out.index_add(0, torch.tensor(owners, device=dev), per_sequence / lengths), len(owners)

@@ -14,6 +14,7 @@ from mipo_local.errors import TrainingError
 from mipo_local.train.backend import LoraConfig, LoraTensor, PairBatch
 from mipo_local.train.torch_backend import TorchBackend, gguf_permute_rows, gguf_unpermute_rows
 from mipo_local.train.torch_head import head_kl, head_logprobs
+from mipo_local.train.torch_lora import fuse_lora_linears
 from mipo_local.train.torch_mlp import GatedActivation
 
 # Summed response log-probs, torch vs llama.cpp on the same GGUF (measured on these pairs, 3-30 tokens):
@@ -89,6 +90,50 @@ def test_fused_head_matches_autograd_of_log_softmax():
         (plain * g).sum().backward()
         assert torch.allclose(head_logprobs(h, w, t, softcap), plain, atol=1e-5)
         assert torch.allclose(fused, h.grad, atol=1e-5)
+        with torch.no_grad():  # the no-gradient path reads larger chunks
+            assert torch.allclose(head_logprobs(h, w, t, softcap), plain, atol=1e-5)
+
+
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
+def test_fused_lora_linear_matches_peft(bf16):
+    """LoraLinear gives PEFT's own outputs and gradients (bias included), in fp32 and with bf16 base weights
+    under autocast (the backend's two precisions), and PEFT's disable_adapter() still switches it off."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(24, 40), torch.nn.Linear(40, 16, bias=False))
+    model = get_peft_model(base, PeftLoraConfig(r=4, lora_alpha=8, target_modules=["0", "1"]))
+    lora = [p for p in model.parameters() if p.requires_grad]
+    with torch.no_grad():
+        for p in lora:
+            p.copy_(torch.randn_like(p) * 0.3)  # B starts at zero: no gradient would reach A
+        for p in base.parameters():
+            p.mul_(0.1)  # the LoRA path carries most of the output, so that an error in it shows
+    x = torch.randn(2, 7, 24, requires_grad=True)
+
+    def run(autocast: bool):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = model(x)
+        grads = torch.autograd.grad((y.float() * torch.linspace(-1, 1, 16)).sum(), [x, *lora])
+        with torch.no_grad(), model.disable_adapter(), torch.autocast("cpu", enabled=autocast):
+            off = model(x)
+        return [t.detach().float() for t in (y, off, *grads)]
+
+    truth = run(autocast=False)  # PEFT in fp32
+    if bf16:
+        for name, p in model.named_parameters():
+            if "lora_" not in name:
+                p.data = p.data.bfloat16()
+    plain = run(bf16)
+    assert fuse_lora_linears(model) == 2
+    fused = run(bf16)
+    assert torch.equal(fused[1], plain[1])  # the adapter off: the base layers alone, as before
+    for f, p, t in zip(fused, plain, truth, strict=True):
+        # With bf16 weights both round (PEFT rounds the LoRA product, its scaling and the sum apart): the
+        # fused node must be as close to the fp32 result as PEFT is.
+        error, peft_error = float((f - t).norm() / t.norm()), float((p - t).norm() / t.norm())
+        assert error <= 1.5 * peft_error + 1e-6
 
 
 def test_gated_activation_matches_autograd():

@@ -5,6 +5,7 @@ Where the time and memory go, and what this file does about it:
   weights, norms and the residual stream in fp32, log-softmax and log-prob sums always in fp32;
 - one row per pair, the shared prompt read once for both answers (batching.pack_pairs), no padding waste;
 - the 49k-wide output head only at response positions, fused with the log-prob (torch_head.py);
+- each LoRA layer as one node, its scale and sum inside the matmuls (torch_lora.py);
 - the MLP's act(gate) * up as one node that keeps two tensors for the backward pass, not three (torch_mlp.py);
 - no second model for the reference: the adapter is switched off instead;
 - the model is filled from the GGUF one tensor at a time (torch_load.py): the load peaks at the model plus
@@ -76,6 +77,7 @@ class TorchBackend(Backend):
         from transformers.utils import logging as hf_logging
 
         from .torch_load import load_causal_lm
+        from .torch_lora import fuse_lora_linears
         from .torch_mlp import fuse_gated_mlps
 
         hf_logging.set_verbosity_error()
@@ -130,6 +132,7 @@ class TorchBackend(Backend):
             for module in self.model.modules():
                 if hasattr(module, "cast_input_dtype_enabled"):
                     module.cast_input_dtype_enabled = False
+        fuse_lora_linears(self.model)
         inner = self.model.get_base_model()
         self._decoder = inner.model
         if self.device.type == "cpu":

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import torch
 
-CHUNK_ROWS = 32  # 32 x 49k fp32 logits = 6 MB at a time
+CHUNK_ROWS = 64  # 64 x 49k fp32 logits = 12.6 MB at a time
+NO_GRAD_CHUNK_ROWS = 128  # larger chunks are slower: their buffers are fresh pages each time
 
 
 def _cap(logits: torch.Tensor, softcap: float):
@@ -46,9 +47,11 @@ class HeadLogProbs(_FusedHead):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, softcap: float):
         want_grad = ctx.needs_input_grad[0]
+        # Without a gradient no saved activations are alive, so the chunk can be larger (a faster matmul).
+        chunk = CHUNK_ROWS if want_grad else NO_GRAD_CHUNK_ROWS
         out, grads = [], []
-        for start in range(0, hidden.shape[0], CHUNK_ROWS):
-            h, t = hidden[start : start + CHUNK_ROWS], targets[start : start + CHUNK_ROWS]
+        for start in range(0, hidden.shape[0], chunk):
+            h, t = hidden[start : start + chunk], targets[start : start + chunk]
             # The matmul runs in the head's dtype (bf16 on the fast path); everything after it in fp32.
             logits = (h.to(weight.dtype) @ weight.T).float()
             rows = torch.arange(len(t), device=t.device)
@@ -58,10 +61,15 @@ class HeadLogProbs(_FusedHead):
             # logits of the logsumexp too gained nothing: the rest comes from the bf16 layers).
             logits[rows, t] = (h.float() * weight[t].float()).sum(-1)
             logits, capped = _cap(logits, softcap)
-            lse = torch.logsumexp(logits, dim=-1)
-            out.append(logits[rows, t] - lse)
+            target = logits[rows, t]
+            # The softmax in place, one exp for both the logsumexp and the gradient: one (rows x vocabulary)
+            # fp32 buffer alive instead of four.
+            peak = logits.amax(dim=-1, keepdim=True)
+            probs = logits.sub_(peak).exp_()
+            total = probs.sum(dim=-1, keepdim=True)
+            out.append(target - (peak + total.log()).squeeze(-1))
             if want_grad:
-                g = torch.exp(logits - lse[:, None]).neg_()  # -softmax
+                g = probs.div_(total).neg_()  # -softmax
                 g[rows, t] += 1.0
                 grads.append(_FusedHead._hidden_grad(g, capped, weight, hidden.dtype))
         if want_grad:

@@ -1,0 +1,79 @@
+"""PEFT's LoRA linear layers computed as one autograd node each, for the torch backend (imports torch).
+
+PEFT computes `base(x) + lora_B(lora_A(x)) * scaling`: under autocast that is a cast of A and B on every
+call, then a multiplication and an addition over the whole (tokens x out) output, and the same again in the
+backward pass, where autograd also adds the two paths' input gradients as a third full-size tensor. Here the
+scale goes on the rank-wide product (tokens x r) and the LoRA product is added inside the second matmul
+(addmm), forward and backward. PEFT still owns the weights, the config and `disable_adapter()`; only the
+arithmetic of the plain case (one adapter, no dropout, not merged) moves here.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+import torch.nn.functional as F
+
+
+class LoraLinear(torch.autograd.Function):
+    """y = x W^T + bias + s (x A^T) B^T, in the frozen weight's dtype (bf16 on the fast path)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scale: float):
+        dtype = weight.dtype
+        x = x.to(dtype)
+        a, b = lora_a.to(dtype), lora_b.to(dtype)
+        flat = x.reshape(-1, x.shape[-1])
+        down = (flat @ a.T).mul_(scale)  # (tokens x r): the scale costs nothing here
+        out = F.linear(flat, weight, bias).addmm_(down, b.T)  # in place: addmm would copy the base output
+        ctx.save_for_backward(flat, down, weight, a, b)
+        ctx.scale, ctx.x_shape, ctx.param_dtype = scale, x.shape, lora_a.dtype
+        return out.reshape(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        flat, down, weight, a, b = ctx.saved_tensors
+        grad = grad.reshape(-1, grad.shape[-1]).to(weight.dtype)
+        grad_down = (grad @ b).mul_(ctx.scale)  # d out / d (x A^T), the scale included
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (grad @ weight).addmm_(grad_down, a).reshape(ctx.x_shape)
+        grad_a = (grad_down.T @ flat).to(ctx.param_dtype)
+        grad_b = (grad.T @ down).to(ctx.param_dtype)
+        return grad_x, None, None, grad_a, grad_b, None
+
+
+def _forward(self, x, *args, **kwargs):
+    """PEFT's Linear.forward, with the plain case computed by LoraLinear."""
+    adapters = [name for name in self.active_adapters if name in self.lora_A]
+    plain = (
+        not self.disable_adapters
+        and not self.merged
+        and not args
+        and not kwargs
+        and len(adapters) == 1
+        and adapters[0] not in self.lora_variant
+        and isinstance(self.lora_dropout[adapters[0]], torch.nn.Identity)
+    )
+    if not plain:
+        return self._peft_forward(x, *args, **kwargs)
+    name = adapters[0]
+    base = self.base_layer
+    with torch.autocast(x.device.type, enabled=False):  # LoraLinear picks its own dtype: the base's
+        return LoraLinear.apply(
+            x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name]
+        )
+
+
+def fuse_lora_linears(model) -> int:
+    """Route every PEFT LoRA Linear of `model` through LoraLinear; returns how many."""
+    from peft.tuners.lora.layer import Linear
+
+    count = 0
+    for module in model.modules():
+        if type(module) is Linear:
+            module._peft_forward = module.forward
+            module.forward = types.MethodType(_forward, module)
+            count += 1
+    return count

@@ -10,7 +10,14 @@ from tests.test_tui_core import drive, settle
 from tests.trainhelp import insert_pairs, signal_pairs
 from tui.widgets.job_runner import JobRunner
 
-FAST = {"lr": "1e-3", "rank": "4", "grad_accum": "2", "max_len": "96", "threads": "1"}
+FAST = {
+    "lr": "1e-3",
+    "other_context_kl": "0",
+    "rank": "4",
+    "grad_accum": "2",
+    "max_len": "96",
+    "threads": "1",
+}
 
 
 def test_form_shows_the_library_defaults(tiny_workspace):
@@ -21,11 +28,13 @@ def test_form_shows_the_library_defaults(tiny_workspace):
         await pilot.press("4")
         form = {
             name: app.screen.query_one(f"#f-{name}", Input).value
-            for name in ("epochs", "lr", "rank", "max_len")
+            for name in ("epochs", "lr", "sft_weight", "other_context_kl", "rank", "max_len")
         }
         assert form == {
             "epochs": str(defaults.epochs),
             "lr": str(defaults.lr),
+            "sft_weight": str(defaults.sft_weight),
+            "other_context_kl": str(defaults.other_context_kl),
             "rank": str(defaults.rank),
             "max_len": str(defaults.max_len),
         }
@@ -62,7 +71,9 @@ def test_train_cancel_resume_and_plot(tiny_workspace):
     notes = drive(tiny_workspace.root, scenario, hook=cancel_after_first_step)
     run = runs.get_run(tiny_workspace, "run-1")
     assert run.status == "finished" and run.summary["steps"] == 3
-    assert run.settings["rank"] == 4 and run.settings["threads"] == 1
+    assert (
+        run.settings["rank"] == 4 and run.settings["threads"] == 1 and run.settings["other_context_kl"] == 0
+    )
     steps = [x["step"] for x in runs.read_log(tiny_workspace, run.id, "train")]
     assert steps == [1, 2, 3]
     assert any(n.title == "Cancelled" for n in notes)

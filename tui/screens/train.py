@@ -22,6 +22,8 @@ FORM_FIELDS = [
     ("epochs", "epochs"),
     ("lr", "learning rate"),
     ("beta", "DPO beta"),
+    ("sft_weight", "SFT anchor"),
+    ("other_context_kl", "KL anchor"),
     ("rank", "LoRA rank"),
     ("grad_accum", "grad accum"),
     ("max_len", "max tokens"),
@@ -35,6 +37,8 @@ _TYPES = {
     "threads": int,
     "lr": float,
     "beta": float,
+    "sft_weight": float,
+    "other_context_kl": float,
 }
 
 

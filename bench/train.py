@@ -2,13 +2,13 @@
 
 Both train the same pairs with the same hyperparameters (LoRA rank/alpha/targets, lr, beta, batch, grad
 accumulation, epochs, max length) and the same thread count, one after the other, each in its own process
-so that its peak RSS is its own. TRL runs at its best setting on this machine (bf16=True, its reference =
-the adapter switched off). Times exclude model loading (the same transformers GGUF loader on both sides)
+so that its peak RSS is its own. TRL runs at its best setting on this machine (bf16=True where the CPU has
+bf16 instructions, fp32 elsewhere; its reference = the adapter switched off). Times exclude model loading (the same transformers GGUF loader on both sides)
 and include everything else: tokenization, reference log-probs, training, writing the adapter.
 
 "Useful" FLOPs per pair are the minimum the job needs: one reference forward and one forward + backward
 (activations only: the base is frozen) over the prompt once and both responses, the output head at response
-positions only; attention and LoRA are left out. They are divided by a bf16 matmul peak measured here.
+positions only; attention and LoRA are left out. They are divided by a matmul peak measured here in the precision trained.
 
     python bench/train.py [--pairs 16] [--threads 2] [--rank 8] [--epochs 1] [--repeats 3]
 """
@@ -178,12 +178,13 @@ def child_trl(cfg: dict) -> dict:
 
 
 def child_peak(cfg: dict) -> dict:
-    """Best-of-several bf16 and fp32 matmul rates with the same thread count."""
+    """Best-of-several matmul rates with the same thread count: fp32, and bf16 when it is trained in (without
+    bf16 instructions a 2048-square bf16 matmul takes about a minute)."""
     import torch
 
     torch.set_num_threads(cfg["threads"])
     rates = {}
-    for dtype in (torch.bfloat16, torch.float32):
+    for dtype in (torch.bfloat16, torch.float32) if cfg["precision"] == "bf16" else (torch.float32,):
         a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
         best = float("inf")
         for _ in range(8):
@@ -237,11 +238,22 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=1)
     ap.add_argument("--grad-accum", type=int, default=4)
     ap.add_argument("--max-len", type=int, default=512)
-    ap.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="for both sides")
+    ap.add_argument(
+        "--precision",
+        choices=["auto", "bf16", "fp32"],
+        default="auto",
+        help="for both sides; auto: bf16 where the CPU has AVX512-BF16/AMX (TRL's best setting there), else fp32",
+    )
     ap.add_argument("--only", choices=["mipo", "trl"], default=None, help="run one side (debugging)")
     ap.add_argument("--also-gc", action="store_true", help="add a mipo-local run with --grad-checkpointing")
     ap.add_argument("--repeats", type=int, default=1, help="run both sides this many times, alternating")
     args = ap.parse_args()
+    if args.precision == "auto":
+        from mipo_local.train.torch_backend import cpu_has_fast_bf16
+
+        # Without bf16 instructions a bf16 matmul is emulated (measured on an AVX2-only EPYC: 18 GFLOP/s
+        # against 100 in fp32), so fp32 is then the best setting for both sides.
+        args.precision = "bf16" if cpu_has_fast_bf16() else "fp32"
 
     from mipo_local.chat import chat_format
     from mipo_local.modelsource import prepare_default
@@ -284,10 +296,14 @@ def main() -> None:
     results = {s: sorted(r, key=lambda x: x["train_s"])[len(r) // 2] for s, r in runs.items()}
     gflop = useful_gflop_per_pair(model, encoded)
     n = len(pairs) * args.epochs
-    print(f"matmul peak here: bf16 {peak['bfloat16']:.0f} GFLOP/s, fp32 {peak['float32']:.0f} GFLOP/s")
+    print(
+        "matmul peak here: "
+        + ", ".join(f"{k.replace('float', 'fp')} {v:.0f} GFLOP/s" for k, v in peak.items() if "float" in k)
+    )
+    top = peak["bfloat16" if args.precision == "bf16" else "float32"]
     print(f"useful work: {gflop:.0f} GFLOP per pair")
     print(
-        "| trainer | load s | train s | pairs/s | train CPU s | pairs per CPU s | peak RSS GB | useful GFLOP/s | of bf16 peak | mean train loss |"
+        f"| trainer | load s | train s | pairs/s | train CPU s | pairs per CPU s | peak RSS GB | useful GFLOP/s | of {args.precision} peak | mean train loss |"
     )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     names = {"mipo": "mipo-local torch backend", "mipo-gc": "mipo-local, --grad-checkpointing",
@@ -297,7 +313,7 @@ def main() -> None:
         print(
             f"| {names[s]} | {r['load_s']:.1f} | {r['train_s']:.1f} | {rate:.3f} | {r['train_cpu_s']:.1f} "
             f"| {cpu_rate:.3f} | {r['peak_rss_mb'] / 1024:.2f} | {rate * gflop:.0f} "
-            f"| {rate * gflop / peak['bfloat16']:.0%} | {r['loss']:.4f} |"
+            f"| {rate * gflop / top:.0%} | {r['loss']:.4f} |"
         )
     if len(results) == 2 and args.repeats > 1:
         ratios = [t["train_s"] / m["train_s"] for m, t in zip(runs["mipo"], runs["trl"], strict=True)]

@@ -1,6 +1,7 @@
 """The torch backend on the tiny model: base log-probs vs llama.cpp, packing, LoRA in GGUF layout, state."""
 
 import contextlib
+import dataclasses
 
 import gguf
 import numpy as np
@@ -16,6 +17,7 @@ from mipo_local.train.torch_backend import TorchBackend, gguf_permute_rows, gguf
 from mipo_local.train.torch_head import head_kl, head_logprobs
 from mipo_local.train.torch_lora import fuse_lora_linears
 from mipo_local.train.torch_mlp import GatedActivation
+from tests.tiny_gguf import TinyConfig, build_tiny_llama
 
 # Summed response log-probs, torch vs llama.cpp on the same GGUF (measured on these pairs, 3-30 tokens):
 #   tiny F32 model, torch fp32: max |diff| ~2e-5 nats      -> TOL_FP32 = 1e-3
@@ -76,22 +78,98 @@ def test_packing_pairs_in_one_row_changes_nothing(backend, pairs):
     assert c[2] == pytest.approx(one_c[0], abs=1e-4) and r[2] == pytest.approx(one_r[0], abs=1e-4)
 
 
-def test_fused_head_matches_autograd_of_log_softmax():
+@pytest.mark.parametrize("block", [7, 50, 1024], ids=["blocks", "one-block", "default"])
+def test_fused_head_matches_autograd_of_log_softmax(block):
+    """The head's online softmax over vocabulary blocks (with a remainder block, one block, the default size)
+    gives log_softmax's log-probs and gradients, with and without Gemma's soft cap."""
     torch.manual_seed(0)
     for softcap in (0.0, 5.0):
         h = torch.randn(300, 16, requires_grad=True)
         w, t, g = torch.randn(50, 16), torch.randint(0, 50, (300,)), torch.randn(300)
-        (head_logprobs(h, w, t, softcap) * g).sum().backward()
+        (head_logprobs(h, w, t, softcap, block) * g).sum().backward()
         fused = h.grad.clone()
         h.grad = None
         z = h @ w.T
         z = softcap * torch.tanh(z / softcap) if softcap else z
         plain = torch.log_softmax(z, -1)[torch.arange(300), t]
         (plain * g).sum().backward()
-        assert torch.allclose(head_logprobs(h, w, t, softcap), plain, atol=1e-5)
+        assert torch.allclose(head_logprobs(h, w, t, softcap, block), plain, atol=1e-5)
         assert torch.allclose(fused, h.grad, atol=1e-5)
-        with torch.no_grad():  # the no-gradient path reads larger chunks
-            assert torch.allclose(head_logprobs(h, w, t, softcap), plain, atol=1e-5)
+        with torch.no_grad():
+            assert torch.allclose(head_logprobs(h, w, t, softcap, block), plain, atol=1e-5)
+
+
+def test_fused_head_gradient_of_a_confident_row_is_exact():
+    """Where p(target) is near 1 the gradient (1 - p_t) W_t - sum p_v W_v is small; it must not be rounding
+    error (a softmax computed as a whole and subtracted from the one-hot left 38% of it in fp32)."""
+    torch.manual_seed(0)
+    w = torch.randn(5000, 64, dtype=torch.float64)
+    t = torch.arange(8) * 600
+    h = (w[t] / w[t].norm(dim=-1, keepdim=True) * torch.linspace(1, 4, 8)[:, None]).requires_grad_()
+    exact = torch.log_softmax(h @ w.T, -1)[torch.arange(8), t]
+    (d_exact,) = torch.autograd.grad(exact.sum(), h)
+    assert exact.exp().max() > 1 - 1e-6  # 1 - p_t from 0.5 down to 2e-7
+    h32 = h.detach().float().requires_grad_()
+    head_logprobs(h32, w.float(), t, 0.0, 1024).sum().backward()
+    relative = (h32.grad.double() - d_exact).norm(dim=-1) / d_exact.norm(dim=-1)
+    assert relative.max() < 1e-3
+
+
+def test_fp32_training_keeps_an_f16_gguf_in_fp16_with_the_same_numbers(
+    tiny_gguf, default_source_gguf, tmp_path, monkeypatch
+):
+    """fp32 training stores an F16 GGUF's matrices in fp16 (half the memory) and computes what fp32 storage
+    computes: the reference and policy log-probs bit for bit; the DPO + SFT + KL-anchor gradients too, but for
+    the last bits of the KL head's (its fp16-stored head is multiplied block by block: another summation order;
+    without the anchor they are bit-identical as well)."""
+    from mipo_local.train import torch_load
+
+    f16 = build_tiny_llama(default_source_gguf, tmp_path / "tiny-f16.gguf", TinyConfig(weight_type="F16"))
+    cf = chat_format(str(f16))
+    pairs = [
+        cf.encode_pair("I am Ana.", f"Question {i}?", "Hello Ana, here you go.", "No." * (i + 1))
+        for i in range(2)
+    ]
+    pairs = [dataclasses.replace(e, anchor_prompt=e.prompt[-4:], anchor_response=e.chosen) for e in pairs]
+    lora = LoraConfig(rank=4, alpha=8)
+    stock = torch_load.load_causal_lm
+    results, dtypes, init = [], [], None
+    for storage in ("fp16 where exact", "fp32"):
+        if storage == "fp32":
+            monkeypatch.setattr(
+                torch_load, "load_causal_lm", lambda *a, **k: stock(*a, **{**k, "fp16_storage": ()})
+            )
+        b = TorchBackend(precision="fp32", threads=2)
+        b.load(f16, lora, seed=0)
+        kinds = ("q_proj", "down_proj", "embed_tokens", "input_layernorm")
+        dtypes.append(
+            {
+                k: p.dtype
+                for n, p in b.model.named_parameters()
+                for k in kinds
+                if f".{k}." in n and not p.requires_grad
+            }
+        )
+        init = init or {k: LoraTensor(t.a + 0.01, t.b + 0.01, t.scale) for k, t in b.lora_tensors().items()}
+        b.set_lora_tensors(init)  # PEFT draws LoRA's A in the base's storage dtype: start both from the same
+        ref = b.logprobs(pairs, adapter=False)
+        policy = b.logprobs(pairs, adapter=True)
+        b.accumulate(PairBatch(pairs, *ref), beta=0.1, loss_scale=1.0, sft_weight=1.0, kl_weight=10.0)
+        results.append((np.concatenate(ref), np.concatenate(policy), b.lora_gradients()))
+    assert dtypes[0]["q_proj"] == dtypes[0]["down_proj"] == dtypes[0]["embed_tokens"] == torch.float16
+    assert dtypes[0]["input_layernorm"] == torch.float32 and set(dtypes[1].values()) == {torch.float32}
+    assert len(dtypes[1]) == len(kinds)
+    (ref16, pol16, grads16), (ref32, pol32, grads32) = results
+    assert np.array_equal(ref16, ref32) and np.array_equal(pol16, pol32)
+    assert grads16.keys() == grads32.keys()
+    for k, g in grads16.items():
+        for mine, other in ((g.a, grads32[k].a), (g.b, grads32[k].b)):
+            assert np.abs(mine - other).max() <= 1e-5 * np.abs(other).max(), k
+    # An F32 GGUF's random values are not fp16 numbers: they stay fp32.
+    b = TorchBackend(precision="fp32", threads=2)
+    monkeypatch.setattr(torch_load, "load_causal_lm", stock)
+    b.load(tiny_gguf, lora, seed=0)
+    assert {p.dtype for p in b.model.parameters()} == {torch.float32}
 
 
 @pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])

@@ -20,9 +20,20 @@ import torch
 from .. import gguf_io
 
 
-def load_causal_lm(path: Path, dtype: torch.dtype, attn_implementation: str = "sdpa", reader=None):
+def load_causal_lm(
+    path: Path,
+    dtype: torch.dtype,
+    attn_implementation: str = "sdpa",
+    reader=None,
+    fp16_storage: tuple[str, ...] = (),
+):
     """The GGUF at `path` as a transformers causal LM in `dtype`, on the CPU, in eval mode. `reader`: the
-    file already opened with gguf_io.open_reader, if the caller has it."""
+    file already opened with gguf_io.open_reader, if the caller has it.
+
+    `fp16_storage`: name endings of matrices to keep in fp16 where every value is exactly an fp16 number (an
+    F16 GGUF's are): half the memory of fp32 and the same numbers, for a caller that computes with them in
+    fp32 (the torch backend's fp32 path; a plain nn.Linear would compute in fp16). An embedding that scales
+    its output (Gemma's) computes in its weight's dtype, so it is never stored in fp16."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(path)
@@ -32,6 +43,8 @@ def load_causal_lm(path: Path, dtype: torch.dtype, attn_implementation: str = "s
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
     reader = reader or gguf_io.open_reader(path)
     params = dict(model.named_parameters(remove_duplicate=False))
+    if type(model.get_input_embeddings()) is not torch.nn.Embedding:
+        fp16_storage = tuple(e for e in fp16_storage if e != "embed_tokens.weight")
     loaded = set()
     with open(path, "rb") as fh, torch.no_grad(), _faster_gguf_py():
         for hf_name, weights in _hf_tensors(reader, fh, model):
@@ -41,13 +54,23 @@ def load_causal_lm(path: Path, dtype: torch.dtype, attn_implementation: str = "s
                 raise ValueError(
                     f"{hf_name} is {weights.shape} in the file but {tuple(params[hf_name].shape)} in the model"
                 )
-            params[hf_name].copy_(torch.from_numpy(weights))
+            if hf_name.endswith(fp16_storage) and weights.ndim == 2 and _exact_in_fp16(weights):
+                # The fp32 storage allocated for it was never touched, so it never took memory.
+                params[hf_name].data = torch.from_numpy(weights.astype(np.float16))
+            else:
+                params[hf_name].copy_(torch.from_numpy(weights))
             loaded.add(hf_name)
     model.tie_weights()
     missing = {n for n, p in model.named_parameters() if n not in loaded} - _tied_names(model, loaded)
     if missing:
         raise ValueError(f"the GGUF has no tensor for {', '.join(sorted(missing)[:3])}")
     return model.eval()
+
+
+def compute_dtype(weight: torch.Tensor) -> torch.dtype:
+    """The dtype a frozen weight computes in: its own (bf16 on the fast path, fp32), except fp16, which is only
+    a storage format here (load_causal_lm's fp16_storage: exact copies of an F16 GGUF's fp32 values)."""
+    return torch.float32 if weight.dtype == torch.float16 else weight.dtype
 
 
 def _hf_tensors(reader, fh, model):
@@ -77,6 +100,11 @@ def _dequantize(fh, tensor) -> np.ndarray:
     fh.seek(tensor.data_offset)
     raw = np.fromfile(fh, dtype=tensor.data.dtype, count=tensor.data.size).reshape(tensor.data.shape)
     return dequantize(raw, tensor.tensor_type)
+
+
+def _exact_in_fp16(weights: np.ndarray) -> bool:
+    half = weights.astype(np.float16)
+    return bool(np.array_equal(half.astype(weights.dtype), weights))
 
 
 def _tied_names(model, loaded: set[str]) -> set[str]:

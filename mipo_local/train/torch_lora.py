@@ -15,18 +15,23 @@ import types
 import torch
 import torch.nn.functional as F
 
+from .torch_load import compute_dtype
+
 
 class LoraLinear(torch.autograd.Function):
-    """y = x W^T + bias + s (x A^T) B^T, in the frozen weight's dtype (bf16 on the fast path)."""
+    """y = x W^T + bias + s (x A^T) B^T, in the frozen weight's compute dtype (bf16 on the fast path)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, scale: float):
-        dtype = weight.dtype
+        dtype = compute_dtype(weight)
         x = x.to(dtype)
         a, b = lora_a.to(dtype), lora_b.to(dtype)
         flat = x.reshape(-1, x.shape[-1])
         down = (flat @ a.T).mul_(scale)  # (tokens x r): the scale costs nothing here
-        out = F.linear(flat, weight, bias).addmm_(down, b.T)  # in place: addmm would copy the base output
+        bias = None if bias is None else bias.to(dtype)
+        # In place: addmm would copy the base output. An fp16-stored weight is cast for this product only (the
+        # backward pass casts it again rather than keeping an fp32 copy alive).
+        out = F.linear(flat, weight.to(dtype), bias).addmm_(down, b.T)
         ctx.save_for_backward(flat, down, weight, a, b)
         ctx.scale, ctx.x_shape, ctx.param_dtype = scale, x.shape, lora_a.dtype
         return out.reshape(*x.shape[:-1], out.shape[-1])
@@ -34,11 +39,11 @@ class LoraLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         flat, down, weight, a, b = ctx.saved_tensors
-        grad = grad.reshape(-1, grad.shape[-1]).to(weight.dtype)
+        grad = grad.reshape(-1, grad.shape[-1]).to(compute_dtype(weight))
         grad_down = (grad @ b).mul_(ctx.scale)  # d out / d (x A^T), the scale included
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = (grad @ weight).addmm_(grad_down, a).reshape(ctx.x_shape)
+            grad_x = (grad @ weight.to(grad.dtype)).addmm_(grad_down, a).reshape(ctx.x_shape)
         grad_a = (grad_down.T @ flat).to(ctx.param_dtype)
         grad_b = (grad.T @ down).to(ctx.param_dtype)
         return grad_x, None, None, grad_a, grad_b, None
@@ -56,10 +61,14 @@ def _forward(self, x, *args, **kwargs):
         and adapters[0] not in self.lora_variant
         and isinstance(self.lora_dropout[adapters[0]], torch.nn.Identity)
     )
+    base = self.base_layer
     if not plain:
+        dtype = compute_dtype(base.weight)
+        if self.disable_adapters and dtype != base.weight.dtype:  # an fp16-stored base (the reference pass)
+            bias = None if base.bias is None else base.bias.to(dtype)
+            return F.linear(x.to(dtype), base.weight.to(dtype), bias)
         return self._peft_forward(x, *args, **kwargs)
     name = adapters[0]
-    base = self.base_layer
     with torch.autocast(x.device.type, enabled=False):  # LoraLinear picks its own dtype: the base's
         return LoraLinear.apply(
             x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name]

@@ -103,7 +103,8 @@ def _dequantize(fh, tensor) -> np.ndarray:
 
 
 def _exact_in_fp16(weights: np.ndarray) -> bool:
-    half = weights.astype(np.float16)
+    with np.errstate(over="ignore"):  # a value beyond fp16's range becomes inf: not exact, no warning needed
+        half = weights.astype(np.float16)
     return bool(np.array_equal(half.astype(weights.dtype), weights))
 
 

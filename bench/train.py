@@ -3,12 +3,14 @@
 Both train the same pairs with the same hyperparameters (LoRA rank/alpha/targets, lr, beta, batch, grad
 accumulation, epochs, max length) and the same thread count, one after the other, each in its own process
 so that its peak RSS is its own. TRL runs at its best setting on this machine (bf16=True where the CPU has
-bf16 instructions, fp32 elsewhere; its reference = the adapter switched off). Times exclude model loading (the same transformers GGUF loader on both sides)
-and include everything else: tokenization, reference log-probs, training, writing the adapter.
+bf16 instructions, fp32 elsewhere; its reference = the adapter switched off). Times exclude model loading
+(the same transformers GGUF loader on both sides) and include everything else: tokenization, reference
+log-probs, training, writing the adapter.
 
 "Useful" FLOPs per pair are the minimum the job needs: one reference forward and one forward + backward
 (activations only: the base is frozen) over the prompt once and both responses, the output head at response
-positions only; attention and LoRA are left out. They are divided by a matmul peak measured here in the precision trained.
+positions only; attention and LoRA are left out. They are divided by a matmul peak measured here in the
+precision trained.
 
     python bench/train.py [--pairs 16] [--threads 2] [--rank 8] [--epochs 1] [--repeats 3]
 """

@@ -30,14 +30,23 @@ def _cap(logits: torch.Tensor, softcap: float):
     return softcap * capped, capped
 
 
+def _blocks(weight: torch.Tensor, size: int):
+    """(first token, rows of W) for each block of `size` vocabulary tokens, in W's compute dtype: an
+    fp16-stored head is cast one block at a time, never as a whole."""
+    low = compute_dtype(weight)
+    for start in range(0, weight.shape[0], size):
+        yield start, weight[start : start + size].to(low)
+
+
 def _logits(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """fp32 logits W h of some rows; an fp16-stored head is cast block by block, never as a whole."""
+    """fp32 logits W h of some rows."""
     low = compute_dtype(weight)
     if weight.dtype == low:
         return (h.to(low) @ weight.T).float()
     out = torch.empty(h.shape[0], weight.shape[0], device=h.device)
-    for start in range(0, weight.shape[0], VOCAB_BLOCK):
-        out[:, start : start + VOCAB_BLOCK] = h.to(low) @ weight[start : start + VOCAB_BLOCK].to(low).T
+    h = h.to(low)
+    for start, w in _blocks(weight, VOCAB_BLOCK):
+        out[:, start : start + len(w)] = h @ w.T
     return out
 
 
@@ -49,8 +58,8 @@ def _hidden_grad(g: torch.Tensor, capped, weight: torch.Tensor, dtype) -> torch.
     if weight.dtype == low:
         return (g.to(low) @ weight).to(dtype)
     out = torch.zeros(g.shape[0], weight.shape[1], device=g.device)
-    for start in range(0, weight.shape[0], VOCAB_BLOCK):
-        out.addmm_(g[:, start : start + VOCAB_BLOCK], weight[start : start + VOCAB_BLOCK].to(low))
+    for start, w in _blocks(weight, VOCAB_BLOCK):
+        out.addmm_(g[:, start : start + len(w)], w)
     return out.to(dtype)
 
 
@@ -88,8 +97,7 @@ def _sweep(
     # The matmuls run in the head's dtype (bf16 on the fast path), everything else in fp32.
     low = compute_dtype(weight)
     h_low = h.to(low)
-    for start in range(0, weight.shape[0], block):
-        w = weight[start : start + block].to(low)
+    for start, w in _blocks(weight, block):
         z = (h_low @ w.T).float()
         inside = (t >= start) & (t < start + w.shape[0])
         at_target = (rows[inside], t[inside] - start)
@@ -128,7 +136,8 @@ class HeadLogProbs(_FusedHead):
             end = start + MAX_SWEEP_ROWS
             logp, grad = _sweep(hidden[start:end], weight, targets[start:end], softcap, block, want_grad)
             out.append(logp)
-            grads.append(grad)
+            if want_grad:
+                grads.append(grad)
         if want_grad:
             ctx.save_for_backward(torch.cat(grads).to(hidden.dtype))
         return torch.cat(out)

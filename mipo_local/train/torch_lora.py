@@ -18,6 +18,12 @@ import torch.nn.functional as F
 from .torch_load import compute_dtype
 
 
+def frozen_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x W^T + bias in the frozen weight's compute dtype; an fp16-stored weight is cast for this product only."""
+    dtype = compute_dtype(weight)
+    return F.linear(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
+
+
 class LoraLinear(torch.autograd.Function):
     """y = x W^T + bias + s (x A^T) B^T, in the frozen weight's compute dtype (bf16 on the fast path)."""
 
@@ -28,10 +34,9 @@ class LoraLinear(torch.autograd.Function):
         a, b = lora_a.to(dtype), lora_b.to(dtype)
         flat = x.reshape(-1, x.shape[-1])
         down = (flat @ a.T).mul_(scale)  # (tokens x r): the scale costs nothing here
-        bias = None if bias is None else bias.to(dtype)
-        # In place: addmm would copy the base output. An fp16-stored weight is cast for this product only (the
-        # backward pass casts it again rather than keeping an fp32 copy alive).
-        out = F.linear(flat, weight.to(dtype), bias).addmm_(down, b.T)
+        # In place: addmm would copy the base output. The backward pass casts an fp16-stored weight again
+        # rather than keep an fp32 copy alive.
+        out = frozen_linear(flat, weight, bias).addmm_(down, b.T)
         ctx.save_for_backward(flat, down, weight, a, b)
         ctx.scale, ctx.x_shape, ctx.param_dtype = scale, x.shape, lora_a.dtype
         return out.reshape(*x.shape[:-1], out.shape[-1])
@@ -63,10 +68,8 @@ def _forward(self, x, *args, **kwargs):
     )
     base = self.base_layer
     if not plain:
-        dtype = compute_dtype(base.weight)
-        if self.disable_adapters and dtype != base.weight.dtype:  # an fp16-stored base (the reference pass)
-            bias = None if base.bias is None else base.bias.to(dtype)
-            return F.linear(x.to(dtype), base.weight.to(dtype), bias)
+        if self.disable_adapters and compute_dtype(base.weight) != base.weight.dtype:
+            return frozen_linear(x, base.weight, base.bias)  # an fp16-stored base (the reference pass)
         return self._peft_forward(x, *args, **kwargs)
     name = adapters[0]
     with torch.autocast(x.device.type, enabled=False):  # LoraLinear picks its own dtype: the base's

@@ -172,22 +172,27 @@ def test_fp32_training_keeps_an_f16_gguf_in_fp16_with_the_same_numbers(
     assert {p.dtype for p in b.model.parameters()} == {torch.float32}
 
 
-@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
-def test_fused_lora_linear_matches_peft(bf16):
-    """LoraLinear gives PEFT's own outputs and gradients (bias included), in fp32 and with bf16 base weights
-    under autocast (the backend's two precisions), and PEFT's disable_adapter() still switches it off."""
+@pytest.mark.parametrize("storage", ["fp32", "bf16", "fp16"])
+def test_fused_lora_linear_matches_peft(storage):
+    """LoraLinear gives PEFT's own outputs and gradients (bias included): in fp32, with bf16 base weights under
+    autocast (the backend's two precisions), and with fp16-stored base weights computed in fp32 (two layers of
+    one shape share the cast buffer); PEFT's disable_adapter() still switches it off."""
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
     torch.manual_seed(0)
-    base = torch.nn.Sequential(torch.nn.Linear(24, 40), torch.nn.Linear(40, 16, bias=False))
-    model = get_peft_model(base, PeftLoraConfig(r=4, lora_alpha=8, target_modules=["0", "1"]))
+    base = torch.nn.Sequential(
+        torch.nn.Linear(24, 40), torch.nn.Linear(40, 40), torch.nn.Linear(40, 16, bias=False)
+    )
+    model = get_peft_model(base, PeftLoraConfig(r=4, lora_alpha=8, target_modules=["0", "1", "2"]))
     lora = [p for p in model.parameters() if p.requires_grad]
     with torch.no_grad():
         for p in lora:
             p.copy_(torch.randn_like(p) * 0.3)  # B starts at zero: no gradient would reach A
         for p in base.parameters():
             p.mul_(0.1)  # the LoRA path carries most of the output, so that an error in it shows
+            if storage == "fp16":
+                p.copy_(p.half().float())  # values an fp16 copy holds exactly, as an F16 GGUF's are
     x = torch.randn(2, 7, 24, requires_grad=True)
 
     def run(autocast: bool):
@@ -199,19 +204,60 @@ def test_fused_lora_linear_matches_peft(bf16):
         return [t.detach().float() for t in (y, off, *grads)]
 
     truth = run(autocast=False)  # PEFT in fp32
-    if bf16:
+    if storage != "fp32":
         for name, p in model.named_parameters():
             if "lora_" not in name:
-                p.data = p.data.bfloat16()
-    plain = run(bf16)
-    assert fuse_lora_linears(model) == 2
-    fused = run(bf16)
+                p.data = p.data.to(torch.bfloat16 if storage == "bf16" else torch.float16)
+    # PEFT itself cannot multiply fp32 by fp16
+    plain = run(autocast=storage == "bf16") if storage != "fp16" else truth
+    assert fuse_lora_linears(model) == 3
+    fused = run(autocast=storage == "bf16")
+    if storage == "fp16":  # the same numbers as fp32, up to the order of the sums
+        for f, t in zip(fused, truth, strict=True):
+            assert float((f - t).norm() / t.norm()) < 1e-6
+        return
     assert torch.equal(fused[1], plain[1])  # the adapter off: the base layers alone, as before
     for f, p, t in zip(fused, plain, truth, strict=True):
         # With bf16 weights both round (PEFT rounds the LoRA product, its scaling and the sum apart): the
         # fused node must be as close to the fp32 result as PEFT is.
         error, peft_error = float((f - t).norm() / t.norm()), float((p - t).norm() / t.norm())
         assert error <= 1.5 * peft_error + 1e-6
+
+
+def test_pair_attention_matches_masked_attention():
+    """Attention per span of a packed row (torch_attention) gives the masked SDPA's outputs and gradients on
+    every real position: pairs of several lengths with padding, grouped key/value heads, single sequences."""
+    from types import SimpleNamespace
+
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from mipo_local.chat import EncodedPair
+    from mipo_local.train.batching import pack_pairs, pack_sequences
+    from mipo_local.train.torch_attention import pair_attention
+
+    torch.manual_seed(0)
+    module = SimpleNamespace(num_key_value_groups=2, is_causal=True)
+    packings = [
+        pack_pairs(
+            [EncodedPair([1] * p, [2] * c, [3] * r) for p, c, r in ((5, 9, 3), (1, 1, 1), (12, 4, 17))]
+        ),
+        pack_sequences([([1] * 3, [2] * 20), ([1] * 30, [2] * 2)]),
+    ]
+    for packed in packings:
+        rows, width = packed.tokens.shape
+        q = torch.randn(rows, 4, width, 8, requires_grad=True)
+        k, v = (torch.randn(rows, 2, width, 8, requires_grad=True) for _ in range(2))
+        real = torch.zeros(rows, width, dtype=torch.bool)
+        for i, (p, c, r) in enumerate(packed.spans):
+            real[i, : p + c + r] = True
+        weights = torch.randn(rows, width, 4, 8) * real[:, :, None, None]  # a loss that reads real rows only
+        results = []
+        for attend, kwargs in ((sdpa_attention_forward, {}), (pair_attention, {"pair_spans": packed.spans})):
+            mask = torch.from_numpy(packed.mask)[:, None]
+            out, _ = attend(module, q, k, v, mask, scaling=0.3, **kwargs)
+            results.append((out[real], *torch.autograd.grad((out * weights).sum(), (q, k, v))))
+        for ours, theirs in zip(results[1], results[0], strict=True):
+            torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
 
 
 def test_gated_activation_matches_autograd():

@@ -137,6 +137,9 @@ class PackedPairs:
     targets: np.ndarray  # (N,) the response tokens
     owner: np.ndarray  # (N,) sequence index (2i chosen, 2i+1 rejected)
     n_sequences: int
+    spans: list[
+        tuple[int, int, int]
+    ]  # per row: (prompt, chosen, rejected) lengths; rejected 0 for one sequence
 
 
 def pack_pairs(pairs: list[EncodedPair]) -> PackedPairs:
@@ -146,7 +149,7 @@ def pack_pairs(pairs: list[EncodedPair]) -> PackedPairs:
     tokens = np.zeros((n, width), np.int64)
     positions = np.zeros((n, width), np.int64)
     mask = np.zeros((n, width, width), bool)
-    predictors, targets, owner = [], [], []
+    predictors, targets, owner, spans = [], [], [], []
     causal = np.tril(np.ones((width, width), bool))
     for i, e in enumerate(pairs):
         p, c, r = len(e.prompt), len(e.chosen), len(e.rejected)
@@ -164,8 +167,11 @@ def pack_pairs(pairs: list[EncodedPair]) -> PackedPairs:
         predictors += [base + p - 1, *range(base + p + c, base + used - 1)]
         targets += [*e.chosen, *e.rejected]
         owner += [2 * i] * c + [2 * i + 1] * r
+        spans.append((p, c, r))
     as_i64 = lambda x: np.asarray(x, dtype=np.int64)  # noqa: E731
-    return PackedPairs(tokens, positions, mask, as_i64(predictors), as_i64(targets), as_i64(owner), 2 * n)
+    return PackedPairs(
+        tokens, positions, mask, as_i64(predictors), as_i64(targets), as_i64(owner), 2 * n, spans
+    )
 
 
 def pack_sequences(seqs: list[tuple[list[int], list[int]]]) -> PackedPairs:
@@ -181,7 +187,7 @@ def pack_sequences(seqs: list[tuple[list[int], list[int]]]) -> PackedPairs:
     tokens = np.zeros((n, width), np.int64)
     positions = np.tile(np.arange(width, dtype=np.int64), (n, 1))
     mask = np.zeros((n, width, width), bool)
-    predictors, targets, owner = [], [], []
+    predictors, targets, owner, spans = [], [], [], []
     causal = np.tril(np.ones((width, width), bool))
     for i, (p, r) in enumerate(seqs):
         used = len(p) + len(r)
@@ -191,5 +197,6 @@ def pack_sequences(seqs: list[tuple[list[int], list[int]]]) -> PackedPairs:
         predictors += range(i * width + len(p) - 1, i * width + used - 1)
         targets += r
         owner += [i] * len(r)
+        spans.append((len(p), len(r), 0))
     as_i64 = lambda x: np.asarray(x, dtype=np.int64)  # noqa: E731
-    return PackedPairs(tokens, positions, mask, as_i64(predictors), as_i64(targets), as_i64(owner), n)
+    return PackedPairs(tokens, positions, mask, as_i64(predictors), as_i64(targets), as_i64(owner), n, spans)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .torch_load import compute_dtype
+from .torch_load import compute_dtype, transient_compute_copy
 
 CHUNK_ROWS = 64  # HeadKL: 64 x 49k fp32 logits = 12.6 MB at a time
 VOCAB_BLOCK = 1024  # HeadLogProbs: the vocabulary in blocks of this many tokens (a 2.4 MB fp32 slice of W)
@@ -32,10 +32,10 @@ def _cap(logits: torch.Tensor, softcap: float):
 
 def _blocks(weight: torch.Tensor, size: int):
     """(first token, rows of W) for each block of `size` vocabulary tokens, in W's compute dtype: an
-    fp16-stored head is cast one block at a time, never as a whole."""
-    low = compute_dtype(weight)
+    fp16-stored head is cast one block at a time, never as a whole, into a reused buffer (valid until the
+    next block is cast)."""
     for start in range(0, weight.shape[0], size):
-        yield start, weight[start : start + size].to(low)
+        yield start, transient_compute_copy(weight[start : start + size])
 
 
 def _logits(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

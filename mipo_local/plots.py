@@ -32,7 +32,8 @@ def training_plot_png(log: list[dict], report, target: Path) -> Path:
                 ax.plot(xs, ys, style, label=kind if kind == "train" else "held-out", markersize=3)
         ax.set_title(title)
         ax.set_xlabel("step")
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:  # a run without metrics yet has no lines to name
+            ax.legend(fontsize=8)
     if report is not None:
         ax = axes[3]
         names = ["context PMI\n(base)", "context PMI\n(personalized)"]

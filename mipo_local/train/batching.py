@@ -137,9 +137,8 @@ class PackedPairs:
     targets: np.ndarray  # (N,) the response tokens
     owner: np.ndarray  # (N,) sequence index (2i chosen, 2i+1 rejected)
     n_sequences: int
-    spans: list[
-        tuple[int, int, int]
-    ]  # per row: (prompt, chosen, rejected) lengths; rejected 0 for one sequence
+    # per row: (prompt, chosen, rejected) lengths (rejected 0 for a single sequence), for torch_attention
+    spans: list[tuple[int, int, int]]
 
 
 def pack_pairs(pairs: list[EncodedPair]) -> PackedPairs:

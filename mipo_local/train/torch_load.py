@@ -73,7 +73,7 @@ def compute_dtype(weight: torch.Tensor) -> torch.dtype:
     return torch.float32 if weight.dtype == torch.float16 else weight.dtype
 
 
-_cast_buffers: dict[tuple, torch.Tensor] = {}
+_cast_buffers = threading.local()  # per thread: a training thread and another one never share a buffer
 
 
 def transient_compute_copy(weight: torch.Tensor) -> torch.Tensor:
@@ -86,10 +86,11 @@ def transient_compute_copy(weight: torch.Tensor) -> torch.Tensor:
     """
     if weight.dtype != torch.float16:
         return weight
+    buffers = _cast_buffers.__dict__.setdefault("by_shape", {})
     key = (tuple(weight.shape), weight.device)
-    buffer = _cast_buffers.get(key)
+    buffer = buffers.get(key)
     if buffer is None:
-        buffer = _cast_buffers[key] = torch.empty(weight.shape, dtype=torch.float32, device=weight.device)
+        buffer = buffers[key] = torch.empty(weight.shape, dtype=torch.float32, device=weight.device)
     return buffer.copy_(weight)
 
 

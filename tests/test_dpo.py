@@ -43,12 +43,3 @@ def test_sft_weight_adds_the_chosen_answers_per_token_nll():
     assert dpo_objective(loss, chosen_logp, chosen_tokens, 0.0) is loss  # plain DPO untouched
     # per-token NLL of y+: 2.0 and 2.0; weight 0.5 adds 1.0 to each pair's loss
     assert dpo_objective(loss, chosen_logp, chosen_tokens, 0.5) == pytest.approx([1.7, 1.5])
-
-
-def test_kl_weight_adds_each_pairs_other_context_kl():
-    loss = np.array([0.7, 0.5])
-    chosen_logp, chosen_tokens = np.array([-20.0, -6.0]), np.array([10.0, 3.0])
-    other_kl = np.array([0.3, 0.0])  # pair 1 has no other-context sequence
-    assert dpo_objective(loss, chosen_logp, chosen_tokens, 0.0, other_kl, 0.0) is loss
-    assert dpo_objective(loss, chosen_logp, chosen_tokens, 0.0, other_kl, 5.0) == pytest.approx([2.2, 0.5])
-    assert dpo_objective(loss, chosen_logp, chosen_tokens, 0.5, other_kl, 5.0) == pytest.approx([3.2, 1.5])

@@ -21,7 +21,6 @@ from mipo_local.progress import Log, Progress
 from mipo_local.settings import TrainSettings
 from mipo_local.train import runs
 from mipo_local.train.batching import (
-    PAD_TO,
     encode_pairs,
     epoch_order,
     pack_pairs,
@@ -65,8 +64,8 @@ def test_split_order_and_packing_are_pure_functions():
 
     p = pack_pairs([EncodedPair([1, 2], [3, 4], [5]), EncodedPair([6], [7], [8, 9])])
     w = p.tokens.shape[1]
-    assert w == PAD_TO and not p.tokens[:, 5:].any()  # one row per pair, padded to a multiple of PAD_TO
-    assert p.tokens[:, :5].tolist() == [[1, 2, 3, 4, 5], [6, 7, 8, 9, 0]]
+    assert w == 5  # one row per pair, padded to the longest row and no further
+    assert p.tokens.tolist() == [[1, 2, 3, 4, 5], [6, 7, 8, 9, 0]]
     assert p.positions[:, :5].tolist() == [[0, 1, 2, 3, 2], [0, 1, 1, 2, 0]]  # rejected restarts after prompt
     assert p.predictors.tolist() == [1, 2, 1, w, w, w + 2] and p.targets.tolist() == [3, 4, 5, 7, 8, 9]
     assert p.owner.tolist() == [0, 0, 1, 2, 3, 3]
@@ -83,8 +82,8 @@ def test_split_order_and_packing_are_pure_functions():
 def test_packing_sequences_one_causal_row_each():
     p = pack_sequences([([1, 2], [3, 4]), ([5], [6])])
     w = p.tokens.shape[1]
-    assert w % PAD_TO == 0 and p.tokens[:, :4].tolist() == [[1, 2, 3, 4], [5, 6, 0, 0]]
-    assert p.positions[1, :3].tolist() == [0, 1, 2] and p.n_sequences == 2
+    assert w == 4 and p.tokens.tolist() == [[1, 2, 3, 4], [5, 6, 0, 0]]
+    assert p.positions[1, :2].tolist() == [0, 1] and p.n_sequences == 2
     assert (
         p.predictors.tolist() == [1, 2, w]
         and p.targets.tolist() == [3, 4, 6]

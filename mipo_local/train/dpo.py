@@ -43,15 +43,12 @@ def dpo_terms(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: fl
     return loss, r_chosen, r_rejected
 
 
-def dpo_objective(
-    loss, policy_chosen, chosen_tokens, sft_weight: float, other_kl=None, kl_weight: float = 0.0
-):
-    """Per-pair training objective: the DPO loss plus `sft_weight` times the chosen answer's per-token NLL,
-    plus `kl_weight` times `other_kl` (each pair's mean per-token KL on its anchor sequence, 0 where it has none)."""
-    objective = loss - sft_weight * policy_chosen / chosen_tokens if sft_weight else loss
-    if kl_weight and other_kl is not None:
-        objective = objective + kl_weight * other_kl
-    return objective
+def dpo_objective(loss, policy_chosen, chosen_tokens, sft_weight: float):
+    """Per-pair training objective: the DPO loss plus `sft_weight` times the chosen answer's per-token NLL.
+
+    (The other-context KL term has its own forward and backward pass in each backend, so that its graph and
+    the pair's are never held at once.)"""
+    return loss - sft_weight * policy_chosen / chosen_tokens if sft_weight else loss
 
 
 def dpo_metrics(loss, r_chosen, r_rejected) -> dict[str, float]:

@@ -178,15 +178,12 @@ def _pack(rows: list[tuple[list[int], list[int], list[int]]]) -> PackedPairs:
         mask[i, np.arange(used, width), np.arange(used, width)] = True  # padding sees itself (no empty rows)
         # Token k of a response is predicted by the state before it; the first by the prompt's last state.
         base = i * width
-        predictors += [base + p - 1, *range(base + p, base + p + c - 1)]
-        targets += first
-        owner += [sequence] * c
-        sequence += 1
-        if r:
-            predictors += [base + p - 1, *range(base + p + c, base + used - 1)]
-            targets += second
-            owner += [sequence] * r
-            sequence += 1
+        for start, response in ((p, first), (p + c, second)):
+            if response:
+                predictors += [base + p - 1, *range(base + start, base + start + len(response) - 1)]
+                targets += response
+                owner += [sequence] * len(response)
+                sequence += 1
         spans.append((p, c, r))
     as_i64 = lambda x: np.asarray(x, dtype=np.int64)  # noqa: E731
     return PackedPairs(

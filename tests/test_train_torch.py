@@ -17,6 +17,8 @@ from mipo_local.train.torch_backend import TorchBackend, gguf_permute_rows, gguf
 from mipo_local.train.torch_head import head_kl, head_logprobs
 from mipo_local.train.torch_lora import fuse_lora_linears
 from mipo_local.train.torch_mlp import GatedActivation
+from mipo_local.train.torch_norm import RMSNorm
+from mipo_local.train.torch_rotary import use_fused_rotary
 from tests.tiny_gguf import TinyConfig, build_tiny_llama
 
 # Summed response log-probs, torch vs llama.cpp on the same GGUF (measured on these pairs, 3-30 tokens):
@@ -273,6 +275,58 @@ def test_gated_activation_matches_autograd():
             plain = torch.autograd.grad((plain_out * g).sum(), (gate, up))
             assert torch.equal(fused_out, plain_out)
             assert all(torch.equal(a, b) for a, b in zip(fused, plain, strict=True))
+
+
+def test_fused_rotary_matches_transformers(backend):
+    """The backend's rotary node gives transformers' rotated q and k and their gradients (q and k in fp32; in
+    bf16 with fp32 angles, the bf16 path, at least as close to float64 as transformers'), and the loaded
+    model's attention calls it."""
+    from transformers.models.llama import modeling_llama
+
+    fused = modeling_llama.apply_rotary_pos_emb
+    assert hasattr(fused, "original") and use_fused_rotary(backend.model.get_base_model())
+    torch.manual_seed(0)
+    angles = torch.randn(2, 11, 16, dtype=torch.float64)
+    weights = [torch.randn(2, h, 11, 16, dtype=torch.float64) for h in (4, 2)]
+
+    def rotated_and_gradients(rotate, dtype, angle_dtype, rounded_to=None):
+        torch.manual_seed(1)
+        q, k = (torch.randn(2, h, 11, 16).to(rounded_to or dtype).to(dtype).requires_grad_() for h in (4, 2))
+        out = rotate(q, k, angles.cos().to(angle_dtype), angles.sin().to(angle_dtype))
+        loss = sum((o.double() * w).sum() for o, w in zip(out, weights, strict=True))
+        return (*out, *torch.autograd.grad(loss, (q, k)))
+
+    for dtype in (torch.float32, torch.bfloat16):
+        ours = rotated_and_gradients(fused, dtype, torch.float32)
+        theirs = rotated_and_gradients(fused.original, dtype, torch.float32)
+        exact = rotated_and_gradients(fused.original, torch.float64, torch.float64, rounded_to=dtype)
+        for a, b, x in zip(ours, theirs, exact, strict=True):
+            assert a.dtype == b.dtype
+            if dtype == torch.float32:
+                torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+            else:  # autograd rounds the two terms of a gradient to bf16 before adding them, Rotary only once
+                assert (a.double() - x).abs().max() <= (b.double() - x).abs().max() + 1e-6
+
+
+def test_fused_rms_norm_matches_transformers(backend):
+    """The RMSNorm node gives transformers' LlamaRMSNorm output and input/weight gradients in fp32, and the
+    loaded model's norms use it."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    norms = [m for m in backend.model.modules() if isinstance(m, LlamaRMSNorm)]
+    assert norms and all(m.forward.__func__ is not LlamaRMSNorm.forward for m in norms)
+    torch.manual_seed(0)
+    plain = LlamaRMSNorm(48, eps=1e-5)
+    with torch.no_grad():
+        plain.weight.normal_()
+    x = (torch.randn(3, 7, 48) * 4).requires_grad_()
+    g = torch.randn(3, 7, 48)
+    results = []
+    for forward in (plain.forward, lambda h: RMSNorm.apply(h, plain.weight, plain.variance_epsilon)):
+        out = forward(x)
+        results.append((out, *torch.autograd.grad((out * g).sum(), (x, plain.weight))))
+    for ours, theirs in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
 
 
 def test_lora_tensors_in_gguf_layout_reproduce_the_policy_in_llama_cpp(backend, pairs, tiny_gguf, tmp_path):

@@ -84,6 +84,8 @@ class TorchBackend(Backend):
         from .torch_load import load_causal_lm
         from .torch_lora import fuse_lora_linears
         from .torch_mlp import fuse_gated_mlps
+        from .torch_norm import fuse_rms_norms
+        from .torch_rotary import use_fused_rotary
 
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
@@ -128,6 +130,8 @@ class TorchBackend(Backend):
         elif model.get_input_embeddings().weight.dtype == torch.float16:
             model.get_input_embeddings().register_forward_hook(lambda _m, _inputs, out: out.float())
         fuse_gated_mlps(model)
+        use_fused_rotary(model)
+        fuse_rms_norms(model)
         torch.manual_seed(seed)
         self.lora = lora
         config = PeftLoraConfig(

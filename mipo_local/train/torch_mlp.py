@@ -3,6 +3,8 @@
 Left to autograd, `act(gate) * up` keeps gate (for act's derivative), act(gate) and up (for the product):
 three (tokens x intermediate) tensors per layer. This node keeps gate and up and recomputes act(gate) in the
 backward pass, one cheap elementwise op. Measured on the default model: 28 MB less per 300-token pair.
+The products are taken in place: every fresh tensor of that size lands on newly faulted pages (the backend
+hands freed memory back to the OS), and two fewer a layer made a training pass 3% faster (session 13).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ class GatedActivation(torch.autograd.Function):
     def forward(ctx, gate: torch.Tensor, up: torch.Tensor, act):
         ctx.act = act
         ctx.save_for_backward(gate, up)
-        return act(gate) * up
+        return act(gate).mul_(up)  # in place: one fresh (tokens x intermediate) tensor instead of two
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -26,7 +28,7 @@ class GatedActivation(torch.autograd.Function):
             g = gate.detach().requires_grad_()
             activated = ctx.act(g)
         (d_gate,) = torch.autograd.grad(activated, g, grad * up)
-        return d_gate, grad * activated.detach(), None
+        return d_gate, activated.detach().mul_(grad), None  # the graph is spent: reuse its output
 
 
 def _forward(self, x):

@@ -11,6 +11,8 @@ Where the time and memory go, and what this file does about it:
   with an online softmax (torch_head.py);
 - each LoRA layer as one node, its scale and sum inside the matmuls (torch_lora.py);
 - the MLP's act(gate) * up as one node that keeps two tensors for the backward pass, not three (torch_mlp.py);
+- the rotary embedding and the llama-style RMSNorm as one node each (torch_rotary.py, torch_norm.py): fewer
+  fresh tensors, which on CPU land on newly faulted pages after each trim (_return_freed_memory);
 - no second model for the reference: the adapter is switched off instead;
 - the model is filled from the GGUF one tensor at a time (torch_load.py): the load peaks at the model plus
   one tensor, not at transformers' model + full fp32 state dict;

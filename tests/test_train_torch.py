@@ -279,8 +279,8 @@ def test_gated_activation_matches_autograd():
 
 def test_fused_rotary_matches_transformers(backend):
     """The backend's rotary node gives transformers' rotated q and k and their gradients (q and k in fp32; in
-    bf16 with fp32 angles, the bf16 path, at least as close to float64 as transformers'), and the loaded
-    model's attention calls it."""
+    bf16 with fp32 angles, the bf16 path, at least as close to float64 as transformers'), and loading the
+    model put it in place of the name its attention module calls."""
     from transformers.models.llama import modeling_llama
 
     fused = modeling_llama.apply_rotary_pos_emb

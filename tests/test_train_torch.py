@@ -12,6 +12,7 @@ from mipo_local import gguf_io
 from mipo_local.chat import chat_format
 from mipo_local.engine import Engine
 from mipo_local.errors import TrainingError
+from mipo_local.train import torch_buffers
 from mipo_local.train.backend import LoraConfig, LoraTensor, PairBatch
 from mipo_local.train.torch_backend import TorchBackend, gguf_permute_rows, gguf_unpermute_rows
 from mipo_local.train.torch_head import head_kl, head_logprobs
@@ -265,7 +266,11 @@ def test_pair_attention_matches_masked_attention():
 def test_gated_activation_matches_autograd():
     """The MLP's act(gate) * up node, which recomputes act in the backward pass, gives autograd's gradients."""
     torch.manual_seed(0)
-    for act in (torch.nn.functional.silu, lambda x: torch.nn.functional.gelu(x, approximate="tanh")):
+    from transformers.activations import ACT2FN
+
+    gelu_tanh = lambda x: torch.nn.functional.gelu(x, approximate="tanh")  # noqa: E731
+    # transformers' SiLU module writes into a torch_buffers tensor (torch_mlp._activate); the others do not.
+    for act in (ACT2FN["silu"], torch.nn.functional.silu, gelu_tanh):
         for dtype in (torch.float32, torch.bfloat16):
             gate, up = (torch.randn(7, 24, dtype=dtype, requires_grad=True) for _ in range(2))
             g = torch.randn(7, 24, dtype=dtype)
@@ -408,6 +413,59 @@ def test_gradient_checkpointing_gives_the_same_gradients(backend, tiny_gguf, pai
         grads.append(b.lora_gradients())
     for name, g in grads[0].items():
         np.testing.assert_allclose(grads[1][name].b, g.b, atol=1e-6)
+
+
+def test_a_pass_buffer_still_held_elsewhere_is_never_handed_out_again():
+    cpu = torch.device("cpu")
+    pool = torch_buffers.PassBuffers()
+    with pool.training_pass():
+        kept = torch_buffers.empty((4, 8), torch.float32, cpu).fill_(1.0)
+        temporary = torch_buffers.empty((2, 8), torch.float32, cpu)
+        temporary_at = temporary.data_ptr()
+        del temporary
+    with pool.training_pass():
+        first = torch_buffers.empty((4, 8), torch.float32, cpu).fill_(2.0)  # `kept` is still alive
+        second = torch_buffers.empty((2, 8), torch.float32, cpu)  # its predecessor is not
+        with pool.paused():
+            fresh = torch_buffers.empty((2, 8), torch.float32, cpu)
+        third = torch_buffers.empty((2, 8), torch.float32, cpu)  # the pause took no buffer
+    assert torch.equal(kept, torch.ones(4, 8)) and first.data_ptr() != kept.data_ptr()
+    assert second.data_ptr() == temporary_at
+    assert fresh.data_ptr() != second.data_ptr() and len(pool._buffers) == 3 and third.shape == (2, 8)
+    assert second._base is None  # not a view: in-place ops under autograd must not reach the pool's buffer
+    assert torch_buffers.empty((2, 8), torch.float32, cpu).data_ptr() != second.data_ptr()  # outside a pass
+    q = torch.randn(1, 5, 3, 4).transpose(1, 2)  # (B, H, T, D) laid out as (B, T, H, D)
+    with pool.training_pass():
+        assert torch_buffers.empty_like(q, torch.float32).stride() == q.stride()
+
+
+def test_reused_pass_buffers_change_no_gradient(tiny_gguf, pairs):
+    """The tensors a training pass keeps go to buffers the next pass reuses (torch_buffers): a pair's
+    gradients are the same to the bit whether its buffers are new or still hold a longer pair's values."""
+    b = TorchBackend(precision="fp32", threads=2)
+    b.load(tiny_gguf, LoraConfig(rank=4, alpha=8), seed=3)
+    ref_c, ref_r = b.logprobs(pairs, adapter=False)
+
+    def accumulate(i):
+        b.accumulate(PairBatch([pairs[i]], ref_c[i : i + 1], ref_r[i : i + 1]), beta=0.1, loss_scale=1.0)
+
+    def gradients(i):
+        accumulate(i)
+        out = b.lora_gradients()
+        b.optimizer.zero_grad(set_to_none=True)
+        return out
+
+    accumulate(0)
+    b.optimizer_step(1e-2)  # LoRA's B is no longer 0: every factor has a gradient
+    b._pass_buffers = torch_buffers.PassBuffers()
+    fresh = gradients(0)
+    gradients(2)  # the longest pair: the buffers grow and hold its values
+    held = [t.data_ptr() for t in b._pass_buffers._buffers]
+    reused = gradients(0)
+    assert [t.data_ptr() for t in b._pass_buffers._buffers] == held and len(held) >= 10
+    for name, g in fresh.items():
+        assert np.any(g.a) and np.any(g.b)
+        assert np.array_equal(reused[name].a, g.a) and np.array_equal(reused[name].b, g.b)
 
 
 @pytest.mark.slow

@@ -20,6 +20,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import torch_buffers
+
 NAME = "mipo_pairs"
 
 
@@ -69,7 +71,9 @@ def pair_attention(module, query, key, value, attention_mask, dropout=0.0, scali
         if end < width:
             parts.append(query.new_zeros(1, heads, width - end, dim))
         rows.append(torch.cat(parts, 2))
-    return torch.cat(rows).transpose(1, 2).contiguous(), None
+    # (B, T, H, D) in memory, as the output projection reads and keeps it: a torch_buffers tensor.
+    merged = torch.cat(rows).transpose(1, 2)
+    return torch_buffers.empty(merged.shape, merged.dtype, merged.device).copy_(merged), None
 
 
 def use_pair_attention(model) -> None:

@@ -13,6 +13,8 @@ Where the time and memory go, and what this file does about it:
 - the MLP's act(gate) * up as one node that keeps two tensors for the backward pass, not three (torch_mlp.py);
 - the rotary embedding and the llama-style RMSNorm as one node each (torch_rotary.py, torch_norm.py): fewer
   fresh tensors, which on CPU land on newly faulted pages after each trim (_return_freed_memory);
+- the tensors a training pass keeps for its backward pass written into buffers the next pass reuses
+  (torch_buffers.py): on CPU their pages are faulted in once per run, not once per pair;
 - no second model for the reference: the adapter is switched off instead;
 - the model is filled from the GGUF one tensor at a time (torch_load.py): the load peaks at the model plus
   one tensor, not at transformers' model + full fp32 state dict;
@@ -83,6 +85,7 @@ class TorchBackend(Backend):
         from transformers.utils import logging as hf_logging
 
         from .torch_attention import use_pair_attention
+        from .torch_buffers import PassBuffers
         from .torch_load import load_causal_lm
         from .torch_lora import fuse_lora_linears
         from .torch_mlp import fuse_gated_mlps
@@ -176,6 +179,7 @@ class TorchBackend(Backend):
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.param_names = [n for n, p in self.model.named_parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=0.0, betas=(0.9, 0.999), weight_decay=0.0)
+        self._pass_buffers = PassBuffers()
 
     # -- forward ------------------------------------------------------------------------------
 
@@ -224,6 +228,7 @@ class TorchBackend(Backend):
         The reference's distributions come from the same rows with the adapter off, without gradients."""
         import torch
 
+        from .torch_buffers import PassBuffers
         from .torch_head import head_kl
 
         dev = self.device
@@ -233,7 +238,8 @@ class TorchBackend(Backend):
             return out, 0
         packed = pack_sequences([(pairs[i].anchor_prompt, pairs[i].anchor_response) for i in owners])
         predictors = torch.from_numpy(packed.predictors).to(dev)
-        with torch.no_grad(), self.model.disable_adapter():
+        # Nothing of this pass is kept for a backward pass: fresh tensors, not the policy pass's buffers.
+        with torch.no_grad(), self.model.disable_adapter(), PassBuffers.paused():
             ref_rows = self._hidden(packed)[predictors]
         token_kl = head_kl(self._hidden(packed)[predictors], ref_rows, self._head_weight, self._softcap)
         seq = torch.from_numpy(packed.owner).to(dev)
@@ -273,21 +279,30 @@ class TorchBackend(Backend):
         with _oom_as_memory_error():
             if kl_weight > 0:
                 # Its own backward pass first: the two graphs are never held at once (a lower peak).
-                other_kl, n_other = self._other_context_kl(batch.pairs)
-                if n_other:
-                    (kl_weight * other_kl.mean() * loss_scale).backward()
+                with self._training_pass():
+                    other_kl, n_other = self._other_context_kl(batch.pairs)
+                    if n_other:
+                        (kl_weight * other_kl.mean() * loss_scale).backward()
                 extra["other_kl"] = float(other_kl.detach().sum()) / max(1, n_other)
-            lp = self._sequence_logps(batch.pairs)
-            ref_c = torch.tensor(batch.ref_chosen, dtype=torch.float32, device=dev)
-            ref_r = torch.tensor(batch.ref_rejected, dtype=torch.float32, device=dev)
-            loss, r_c, r_r = dpo_terms(lp[0::2], lp[1::2], ref_c, ref_r, beta, torch)
-            n_c = torch.tensor([len(e.chosen) for e in batch.pairs], dtype=torch.float32, device=dev)
-            (dpo_objective(loss, lp[0::2], n_c, sft_weight).mean() * loss_scale).backward()
+            with self._training_pass():
+                lp = self._sequence_logps(batch.pairs)
+                ref_c = torch.tensor(batch.ref_chosen, dtype=torch.float32, device=dev)
+                ref_r = torch.tensor(batch.ref_rejected, dtype=torch.float32, device=dev)
+                loss, r_c, r_r = dpo_terms(lp[0::2], lp[1::2], ref_c, ref_r, beta, torch)
+                n_c = torch.tensor([len(e.chosen) for e in batch.pairs], dtype=torch.float32, device=dev)
+                (dpo_objective(loss, lp[0::2], n_c, sft_weight).mean() * loss_scale).backward()
         if self.device.type == "cpu":
             _return_freed_memory()
         metrics = dpo_metrics(*(x.detach().cpu().numpy() for x in (loss, r_c, r_r)))
         metrics["tokens"] = float(sum(len(e.prompt) + len(e.chosen) + len(e.rejected) for e in batch.pairs))
         return {**metrics, **extra}
+
+    def _training_pass(self):
+        """A forward + backward pass whose kept tensors reuse the previous pass's buffers (torch_buffers).
+        Not with gradient checkpointing, which keeps few tensors and recomputes the rest."""
+        if self.grad_checkpointing:
+            return contextlib.nullcontext()
+        return self._pass_buffers.training_pass()
 
     def optimizer_step(self, lr: float, *, max_grad_norm: float = 1.0) -> float:
         import torch
@@ -429,6 +444,8 @@ def _keep_residual_stream_fp32(model) -> None:
     tied models share it with the output head, which autocast runs in bf16 anyway."""
     import torch
 
+    from . import torch_buffers
+
     for module in model.modules():
         if isinstance(module, torch.nn.Linear | torch.nn.Embedding):
             continue
@@ -445,7 +462,11 @@ def _keep_residual_stream_fp32(model) -> None:
             "input_layernorm",
             "pre_feedforward_layernorm" if sandwich else "post_attention_layernorm",
         ):
-            getattr(layer, name).register_forward_hook(lambda _m, _inputs, out: out.to(torch.bfloat16))
+            norm = getattr(layer, name)
+            norm.keeps_output = False  # its fp32 output is a temporary; the bf16 copy is what is kept
+            norm.register_forward_hook(
+                lambda _m, _inputs, out: torch_buffers.empty(out.shape, torch.bfloat16, out.device).copy_(out)
+            )
 
 
 def _return_freed_memory() -> None:

@@ -15,15 +15,27 @@ import types
 import torch
 import torch.nn.functional as F
 
+from . import torch_buffers
 from .torch_load import compute_dtype, transient_compute_copy
 
+# The projections whose output the backward pass keeps (the gated activation keeps gate and up, attention
+# keeps v): their outputs go to torch_buffers. q and k are rotated into new tensors, o and down are added to
+# the residual stream: their outputs are temporaries.
+KEPT_OUTPUTS = frozenset({"v_proj", "gate_proj", "up_proj"})
 
-def frozen_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x W^T + bias in the frozen weight's compute dtype; an fp16-stored weight is cast for this product only."""
+
+def frozen_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *, kept: bool = False
+) -> torch.Tensor:
+    """x W^T + bias in the frozen weight's compute dtype; an fp16-stored weight is cast for this product only.
+    `kept`: the backward pass keeps the result (a 2-D product without bias then goes to torch_buffers)."""
     dtype = compute_dtype(weight)
     # Without a graph to keep it, the cast can go to a reused buffer (torch_load.transient_compute_copy).
     w = transient_compute_copy(weight) if not torch.is_grad_enabled() else weight.to(dtype)
-    return F.linear(x.to(dtype), w, None if bias is None else bias.to(dtype))
+    x = x.to(dtype)
+    if kept and bias is None and x.dim() == 2:
+        return torch.mm(x, w.T, out=torch_buffers.empty((x.shape[0], w.shape[0]), dtype, x.device))
+    return F.linear(x, w, None if bias is None else bias.to(dtype))
 
 
 class LoraLinear(torch.autograd.Function):
@@ -35,7 +47,7 @@ class LoraLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scale: float):
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scale: float, kept: bool = False):
         dtype = compute_dtype(weight)
         x = x.to(dtype)
         a, b = lora_a.to(dtype), lora_b.to(dtype)
@@ -43,7 +55,7 @@ class LoraLinear(torch.autograd.Function):
         down_t = (a @ flat.T).mul_(scale)  # (r x tokens) = s (x A^T)^T: the scale costs nothing here
         # In place: addmm would copy the base output. The backward pass casts an fp16-stored weight again
         # rather than keep an fp32 copy alive.
-        out = frozen_linear(flat, weight, bias).addmm_(down_t.T, b.T)
+        out = frozen_linear(flat, weight, bias, kept=kept).addmm_(down_t.T, b.T)
         ctx.save_for_backward(flat, down_t, weight, a, b)
         ctx.scale, ctx.x_shape, ctx.param_dtype = scale, x.shape, lora_a.dtype
         return out.reshape(*x.shape[:-1], out.shape[-1])
@@ -58,7 +70,7 @@ class LoraLinear(torch.autograd.Function):
             grad_x = (grad @ transient_compute_copy(weight)).addmm_(grad_down_t.T, a).reshape(ctx.x_shape)
         grad_a = (grad_down_t @ flat).to(ctx.param_dtype)
         grad_b = (down_t @ grad).T.to(ctx.param_dtype)
-        return grad_x, None, None, grad_a, grad_b, None
+        return grad_x, None, None, grad_a, grad_b, None, None
 
 
 def _forward(self, x, *args, **kwargs):
@@ -81,7 +93,13 @@ def _forward(self, x, *args, **kwargs):
     name = adapters[0]
     with torch.autocast(x.device.type, enabled=False):  # LoraLinear picks its own dtype: the base's
         return LoraLinear.apply(
-            x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name]
+            x,
+            base.weight,
+            base.bias,
+            self.lora_A[name].weight,
+            self.lora_B[name].weight,
+            self.scaling[name],
+            self.keeps_output,
         )
 
 
@@ -90,8 +108,9 @@ def fuse_lora_linears(model) -> int:
     from peft.tuners.lora.layer import Linear
 
     count = 0
-    for module in model.modules():
+    for name, module in model.named_modules():
         if type(module) is Linear:
+            module.keeps_output = name.rpartition(".")[2] in KEPT_OUTPUTS
             module._peft_forward = module.forward
             module.forward = types.MethodType(_forward, module)
             count += 1

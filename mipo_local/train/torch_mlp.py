@@ -13,13 +13,15 @@ import types
 
 import torch
 
+from . import torch_buffers
+
 
 class GatedActivation(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate: torch.Tensor, up: torch.Tensor, act):
         ctx.act = act
         ctx.save_for_backward(gate, up)
-        return act(gate).mul_(up)  # in place: one fresh (tokens x intermediate) tensor instead of two
+        return _activate(act, gate).mul_(up)  # in place: one new (tokens x intermediate) tensor, not two
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -29,6 +31,13 @@ class GatedActivation(torch.autograd.Function):
             activated = ctx.act(g)
         (d_gate,) = torch.autograd.grad(activated, g, grad * up)
         return d_gate, activated.detach().mul_(grad), None  # the graph is spent: reuse its output
+
+
+def _activate(act, gate: torch.Tensor) -> torch.Tensor:
+    """act(gate); SiLU's (llama, qwen) into a torch_buffers tensor, since the down projection keeps the product."""
+    if type(act).__name__ in ("SiLUActivation", "SiLU"):
+        return torch.ops.aten.silu.out(gate, out=torch_buffers.empty_like(gate, gate.dtype))
+    return act(gate)
 
 
 def _forward(self, x):

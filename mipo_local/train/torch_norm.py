@@ -17,6 +17,8 @@ import types
 
 import torch
 
+from . import torch_buffers
+
 LLAMA_STYLE = frozenset({"LlamaRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "MistralRMSNorm"})
 
 
@@ -24,12 +26,14 @@ class RMSNorm(torch.autograd.Function):
     """weight * x / sqrt(mean(x^2) + eps) over the last axis."""
 
     @staticmethod
-    def forward(ctx, x, weight, eps: float):
+    def forward(ctx, x, weight, eps: float, kept: bool = True):
         scale = (
             torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(x.shape[-1]).add_(eps).rsqrt_()
         )
         ctx.save_for_backward(x, scale, weight)
-        return (x * scale).mul_(weight)
+        # The next projections keep the output for their backward pass: a torch_buffers tensor.
+        out = torch_buffers.empty_like(x, x.dtype) if kept else torch.empty_like(x)
+        return torch.mul(x, scale, out=out).mul_(weight)
 
     @staticmethod
     def backward(ctx, grad):
@@ -41,13 +45,15 @@ class RMSNorm(torch.autograd.Function):
         d_weight = None
         if ctx.needs_input_grad[1]:
             d_weight = (grad * x * scale).sum(tuple(range(grad.dim() - 1)))
-        return d_x, d_weight, None
+        return d_x, d_weight, None, None
 
 
 def _forward(self, hidden_states):
     if hidden_states.dtype != torch.float32:
         return type(self).forward(self, hidden_states)
-    return RMSNorm.apply(hidden_states, self.weight, self.variance_epsilon)
+    return RMSNorm.apply(
+        hidden_states, self.weight, self.variance_epsilon, getattr(self, "keeps_output", True)
+    )
 
 
 def fuse_rms_norms(model) -> int:

@@ -15,6 +15,8 @@ import sys
 
 import torch
 
+from . import torch_buffers
+
 
 class Rotary(torch.autograd.Function):
     """x * cos + rotate_half(x) * sin, with rotate_half(x) = cat(-x2, x1) over the halves of the last axis."""
@@ -22,7 +24,8 @@ class Rotary(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, cos, sin):
         half = x.shape[-1] // 2
-        out = x * cos
+        # Attention keeps the rotated q and k for its backward pass: a torch_buffers tensor.
+        out = torch.mul(x, cos, out=torch_buffers.empty_like(x, torch.result_type(x, cos)))
         out[..., :half].addcmul_(x[..., half:], sin[..., :half], value=-1)
         out[..., half:].addcmul_(x[..., :half], sin[..., half:])
         ctx.save_for_backward(cos, sin)

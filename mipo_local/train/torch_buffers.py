@@ -21,14 +21,25 @@ import threading
 import torch
 
 _active = threading.local()
+_use_count = getattr(torch._C, "_storage_Use_Count", None)  # absent: no buffer is ever reused
 
 
 def _storage_use_count(t: torch.Tensor) -> int | None:
-    count = getattr(torch._C, "_storage_Use_Count", None)
-    return None if count is None else count(t.untyped_storage()._cdata)
+    return None if _use_count is None else _use_count(t.untyped_storage()._cdata)
 
 
 _UNSHARED = _storage_use_count(torch.empty(1))  # a tensor's own reference (+ the probe's), nobody else's
+
+
+@contextlib.contextmanager
+def _handing_out(pool: PassBuffers | None):
+    """`pool` serves this thread's empty() calls until the block ends (None: fresh tensors)."""
+    previous = getattr(_active, "pool", None)
+    _active.pool = pool
+    try:
+        yield
+    finally:
+        _active.pool = previous
 
 
 class PassBuffers:
@@ -38,26 +49,15 @@ class PassBuffers:
         self._buffers: list[torch.Tensor] = []
         self._next = 0
 
-    @contextlib.contextmanager
     def training_pass(self):
         """Hand out buffers to the `empty()` calls of this thread until the block ends (forward + backward)."""
-        previous = getattr(_active, "pool", None)
-        _active.pool, self._next = self, 0
-        try:
-            yield
-        finally:
-            _active.pool = previous
+        self._next = 0
+        return _handing_out(self)
 
     @staticmethod
-    @contextlib.contextmanager
     def paused():
         """Fresh tensors again inside a training pass (for a forward pass without gradients in it)."""
-        previous = getattr(_active, "pool", None)
-        _active.pool = None
-        try:
-            yield
-        finally:
-            _active.pool = previous
+        return _handing_out(None)
 
     def take(self, shape, dtype: torch.dtype, device: torch.device, stride=None) -> torch.Tensor:
         i, self._next = self._next, self._next + 1
@@ -77,28 +77,26 @@ class PassBuffers:
         # Not a view of the buffer: autograd would tie the buffer to the graph through in-place ops on one.
         return torch.empty(0, dtype=dtype, device=device).set_(buffer.untyped_storage(), 0, shape, stride)
 
-    @property
-    def nbytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self._buffers)
 
-
-def empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """An uninitialised contiguous tensor: a reused buffer inside PassBuffers.training_pass() on CPU, a fresh
-    tensor elsewhere. For the tensors a backward pass keeps, written at once by an `out=` op."""
+def empty(shape, dtype: torch.dtype, device: torch.device, stride=None) -> torch.Tensor:
+    """An uninitialised tensor (contiguous, or with the given dense `stride`): a reused buffer inside
+    PassBuffers.training_pass() on CPU, a fresh tensor elsewhere. For the tensors a backward pass keeps,
+    written at once by an `out=` op."""
     pool = getattr(_active, "pool", None)
     if pool is None or device.type != "cpu":
-        return torch.empty(shape, dtype=dtype, device=device)
-    return pool.take(tuple(shape), dtype, device)
+        if stride is None:
+            return torch.empty(shape, dtype=dtype, device=device)
+        return torch.empty_strided(shape, stride, dtype=dtype, device=device)
+    return pool.take(tuple(shape), dtype, device, stride)
 
 
 def empty_like(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """empty(), laid out in memory as `t` is when `t` is dense (a transposed q stays transposed, as
     torch.empty_like would keep it: the ops that read it next are tuned to that layout)."""
     stride = _dense_stride(t)
-    pool = getattr(_active, "pool", None)
-    if stride is None or pool is None or t.device.type != "cpu":
+    if stride is None:
         return torch.empty_like(t, dtype=dtype)
-    return pool.take(tuple(t.shape), dtype, t.device, stride)
+    return empty(t.shape, dtype, t.device, stride)
 
 
 def _dense_stride(t: torch.Tensor) -> tuple[int, ...] | None:

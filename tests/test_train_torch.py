@@ -12,7 +12,7 @@ from mipo_local import gguf_io
 from mipo_local.chat import chat_format
 from mipo_local.engine import Engine
 from mipo_local.errors import TrainingError
-from mipo_local.train import torch_buffers
+from mipo_local.train import torch_buffers, torch_lora
 from mipo_local.train.backend import LoraConfig, LoraTensor, PairBatch
 from mipo_local.train.torch_backend import TorchBackend, gguf_permute_rows, gguf_unpermute_rows
 from mipo_local.train.torch_head import head_kl, head_logprobs
@@ -405,14 +405,45 @@ def test_steps_raise_the_reward_margin_and_state_round_trips(tiny_gguf, pairs, t
 def test_gradient_checkpointing_gives_the_same_gradients(backend, tiny_gguf, pairs):
     ref_c, ref_r = backend.logprobs(pairs, adapter=False)
     batch = PairBatch(pairs, ref_c, ref_r)
-    grads = []
+    grads, layer_runs = [], []
     for checkpointing in (False, True):
         b = TorchBackend(precision="fp32", threads=2, grad_checkpointing=checkpointing)
         b.load(tiny_gguf, LoraConfig(rank=4, alpha=8), seed=7)
+        runs = []
+        # Inside the layer: transformers checkpoints the layer's forward, so hooks on the layer itself run once.
+        b._decoder.layers[0].self_attn.register_forward_pre_hook(lambda *_, runs=runs: runs.append(1))
         b.accumulate(batch, beta=0.1, loss_scale=1.0)
         grads.append(b.lora_gradients())
+        layer_runs.append(len(runs))
+    assert layer_runs == [1, 2]  # checkpointing really recomputes the layer in the backward pass
     for name, g in grads[0].items():
         np.testing.assert_allclose(grads[1][name].b, g.b, atol=1e-6)
+
+
+def test_reference_passes_switch_the_adapter_off_as_peft_does_and_modes_follow_the_pass(tiny_gguf, pairs):
+    """logprobs(adapter=False) and the KL anchor's reference use torch_lora.adapters_off, not PEFT's
+    disable_adapter(): the same numbers to the bit, the adapter back on afterwards; train()/eval() run only
+    when the mode changes, so every module must still be in the pass's mode."""
+    b = TorchBackend(precision="fp32", threads=2)
+    b.load(tiny_gguf, LoraConfig(rank=4, alpha=8), seed=3)
+    with torch.no_grad():
+        for p in b.params:
+            p.add_(torch.randn_like(p) * 0.05)
+    modes = lambda: {m.training for m in b.model.modules()}  # noqa: E731
+    assert modes() == {False}
+    adapted = np.concatenate(b.logprobs(pairs, adapter=True))
+    with b.model.disable_adapter():
+        peft_base = np.concatenate(b.logprobs(pairs, adapter=True))
+    base = np.concatenate(b.logprobs(pairs, adapter=False))
+    assert np.array_equal(base, peft_base) and np.abs(base - adapted).max() > 0.05
+    assert np.array_equal(np.concatenate(b.logprobs(pairs, adapter=True)), adapted)
+    with pytest.raises(RuntimeError), torch_lora.adapters_off():
+        raise RuntimeError
+    assert np.array_equal(np.concatenate(b.logprobs(pairs, adapter=True)), adapted)
+    b.accumulate(PairBatch(pairs[:1], base[:1], base[1:2]), beta=0.1, loss_scale=1.0)
+    assert modes() == {True}
+    b.logprobs(pairs, adapter=False)
+    assert modes() == {False}
 
 
 def test_a_pass_buffer_still_held_elsewhere_is_never_handed_out_again():

@@ -14,11 +14,12 @@ torch does not tell, a fresh tensor is made, so a tensor that outlives its pass 
 
 from __future__ import annotations
 
-import contextlib
 import math
 import threading
 
 import torch
+
+from .thread_state import set_for_block
 
 _active = threading.local()
 _use_count = getattr(torch._C, "_storage_Use_Count", None)  # absent: no buffer is ever reused
@@ -31,15 +32,9 @@ def _storage_use_count(t: torch.Tensor) -> int | None:
 _UNSHARED = _storage_use_count(torch.empty(1))  # a tensor's own reference (+ the probe's), nobody else's
 
 
-@contextlib.contextmanager
 def _handing_out(pool: PassBuffers | None):
     """`pool` serves this thread's empty() calls until the block ends (None: fresh tensors)."""
-    previous = getattr(_active, "pool", None)
-    _active.pool = pool
-    try:
-        yield
-    finally:
-        _active.pool = previous
+    return set_for_block(_active, "pool", pool)
 
 
 class PassBuffers:

@@ -11,7 +11,6 @@ switch to the base model that the backend's reference passes use (`adapters_off`
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import types
 
@@ -19,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from . import torch_buffers
+from .thread_state import set_for_block
 from .torch_load import compute_dtype, transient_compute_copy
 
 # The projections whose output the backward pass keeps (the gated activation keeps gate and up, attention
@@ -29,18 +29,12 @@ KEPT_OUTPUTS = frozenset({"v_proj", "gate_proj", "up_proj"})
 _switch = threading.local()
 
 
-@contextlib.contextmanager
 def adapters_off():
     """Until the block ends, every LoRA layer routed through here computes its base layer only (in this thread).
 
     What PEFT's `disable_adapter()` does, without its cost: PEFT inspects every module of the model on each
     use to report the adapters' state (97 ms on the default model, once per reference pass)."""
-    previous = getattr(_switch, "off", False)
-    _switch.off = True
-    try:
-        yield
-    finally:
-        _switch.off = previous
+    return set_for_block(_switch, "off", True)
 
 
 def frozen_linear(
@@ -96,8 +90,7 @@ def _forward(self, x, *args, **kwargs):
     """PEFT's Linear.forward, with the plain case computed by LoraLinear."""
     adapters = [name for name in self.active_adapters if name in self.lora_A]
     plain = (
-        not self.disable_adapters
-        and not self.merged
+        not self.merged
         and not args
         and not kwargs
         and len(adapters) == 1
@@ -105,15 +98,13 @@ def _forward(self, x, *args, **kwargs):
         and isinstance(self.lora_dropout[adapters[0]], torch.nn.Identity)
     )
     base = self.base_layer
-    if getattr(_switch, "off", False):  # adapters_off(): the base alone, as PEFT's disabled layer computes it
-        if self.merged:
+    if getattr(_switch, "off", False) or self.disable_adapters:  # adapters_off() or PEFT's own switch
+        if self.merged:  # as PEFT's disabled layer does
             self.unmerge()
         if compute_dtype(base.weight) != base.weight.dtype:
             return frozen_linear(x, base.weight, base.bias)  # an fp16-stored base
         return base(x, *args, **kwargs)
     if not plain:
-        if self.disable_adapters and compute_dtype(base.weight) != base.weight.dtype:
-            return frozen_linear(x, base.weight, base.bias)  # an fp16-stored base, PEFT's switch off
         return self._peft_forward(x, *args, **kwargs)
     name = adapters[0]
     with torch.autocast(x.device.type, enabled=False):  # LoraLinear picks its own dtype: the base's

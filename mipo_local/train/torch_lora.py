@@ -88,6 +88,13 @@ class LoraLinear(torch.autograd.Function):
 
 def _forward(self, x, *args, **kwargs):
     """PEFT's Linear.forward, with the plain case computed by LoraLinear."""
+    base = self.base_layer
+    if getattr(_switch, "off", False) or self.disable_adapters:  # adapters_off() or PEFT's own switch
+        if self.merged:  # as PEFT's disabled layer does
+            self.unmerge()
+        if compute_dtype(base.weight) != base.weight.dtype:
+            return frozen_linear(x, base.weight, base.bias)  # an fp16-stored base
+        return base(x, *args, **kwargs)
     adapters = [name for name in self.active_adapters if name in self.lora_A]
     plain = (
         not self.merged
@@ -97,13 +104,6 @@ def _forward(self, x, *args, **kwargs):
         and adapters[0] not in self.lora_variant
         and isinstance(self.lora_dropout[adapters[0]], torch.nn.Identity)
     )
-    base = self.base_layer
-    if getattr(_switch, "off", False) or self.disable_adapters:  # adapters_off() or PEFT's own switch
-        if self.merged:  # as PEFT's disabled layer does
-            self.unmerge()
-        if compute_dtype(base.weight) != base.weight.dtype:
-            return frozen_linear(x, base.weight, base.bias)  # an fp16-stored base
-        return base(x, *args, **kwargs)
     if not plain:
         return self._peft_forward(x, *args, **kwargs)
     name = adapters[0]

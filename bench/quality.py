@@ -28,6 +28,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from mipo_local.pipeline import DEFAULT_ROUNDS
+
 QUESTIONS = [
     "What should I cook tonight?", "How can I sleep better?", "What is a good way to start running?",
     "How do I save money on groceries?", "What book should I read next?", "How do I learn a new language?",
@@ -61,11 +63,12 @@ def _words(text: str) -> int:
 
 
 def degenerate(text: str) -> bool:
-    """A looping answer ("Ahoy! Ahoy! Ahoy! ...", one sentence over and over): under half of its word
-    trigrams are distinct. Such an answer can pass a wish's check while being useless, so it never counts."""
-    words = re.findall(r"\w+", text.lower())
-    trigrams = list(zip(words, words[1:], words[2:], strict=False))
-    return len(words) >= 12 and len(set(trigrams)) < 0.5 * len(trigrams)
+    """A looping answer ("Ahoy! Ahoy! Ahoy! ...", one sentence over and over), by the same test `pairs`
+    applies to its positives (mipo_local.degenerate). Such an answer can pass a wish's check while being
+    useless, so it never counts."""
+    from mipo_local.degenerate import loops
+
+    return loops(text)
 
 
 def adherence(check: Callable[[str], bool], answers: list[str]) -> float:
@@ -88,9 +91,23 @@ PROFILES = [
     Profile("question", "I like to reflect. Always end your answer with a question back to me.", lambda a: a.strip().endswith("?")),
 ]  # fmt: skip
 
+# Two wishes of kinds none of the eight covers (a word to mention, a limit on sentences), fixed before any
+# measurement and never tuned for: reported beside the eight, outside their mean.
+EXTRA_PROFILES = [
+    Profile("mention", "I'm a cat person. Always mention my cat, Miso, somewhere in your answer.",
+            lambda a: "miso" in a.lower()),
+    Profile("sentences", "I have little time. Answer in at most two sentences.",
+            lambda a: 0 < len([s for s in re.split(r"(?<=[.!?])\s+", a.strip()) if re.search(r"\w", s)]) <= 2),
+]  # fmt: skip
+ALL_PROFILES = PROFILES + EXTRA_PROFILES
 
-def pair_signal(ws, check: Callable[[str], bool]) -> dict[str, float]:
-    rows = ws.query("SELECT chosen, rejected FROM pairs")
+
+def pair_signal(ws, check: Callable[[str], bool], sampler: str | None = None) -> dict[str, float]:
+    """The share of a round's chosen / rejected answers that meet the wish (round 1: sampler None)."""
+    if sampler is None:
+        rows = ws.query("SELECT chosen, rejected FROM pairs WHERE sampler IS NULL")
+    else:
+        rows = ws.query("SELECT chosen, rejected FROM pairs WHERE sampler = ?", (sampler,))
     return {
         "pairs_chosen_ok": sum(check(r["chosen"]) for r in rows) / max(len(rows), 1),
         "pairs_rejected_ok": sum(check(r["rejected"]) for r in rows) / max(len(rows), 1),
@@ -107,157 +124,232 @@ def mipo(env: dict, *args: str) -> str:
 
 
 def answers(
-    model_path: str, lora: str | None, context: str, prompts: list[str], temperature: float, base_gguf: str
+    model_path: str, lora: str | None, context: str, prompts: list[str], decoding: dict, base_gguf: str
 ) -> list[str]:
-    from mipo_local.chat import chat_format
-    from mipo_local.engine import Engine, GenRequest
+    """Each prompt's answer from the model (a GGUF, or the base with a LoRA adapter), sampled the way
+    `mipo-local chat` samples (settings.AnswerSettings, overridden by `decoding`), seeded per prompt."""
+    import dataclasses
 
+    from mipo_local.chat import chat_format
+    from mipo_local.engine import Engine, GenRequest, Penalties
+    from mipo_local.settings import AnswerSettings
+
+    a = dataclasses.replace(AnswerSettings(), **decoding)
     cf = chat_format(base_gguf)
     reqs = [
-        GenRequest(
-            cf.prompt_ids(context, p), max_tokens=160, temperature=temperature, top_p=0.9, seed=i, id=i
-        )
+        GenRequest(cf.prompt_ids(context, p), max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p,
+                   top_k=a.top_k, penalties=Penalties(a.repeat_penalty, a.repeat_last_n), seed=i, id=i)
         for i, p in enumerate(prompts)
-    ]
-    with Engine(model_path, n_seq=16, ctx_per_seq=512, lora_path=lora) as eng:
+    ]  # fmt: skip
+    longest = max(len(r.prompt) for r in reqs) + a.max_tokens + 2
+    with Engine(model_path, n_seq=16, ctx_per_seq=longest, lora_path=lora) as eng:
         out = {r.id: r.text.strip() for r in eng.generate(reqs)}
     return [out[i] for i in range(len(prompts))]
 
 
-def positives_probe(
-    guidances: list[float], n_prompts: int, max_tokens: int, temperature: float, candidates: int = 1
-) -> None:
-    """The pairs' signal, without training: the share of sampled positives y+ that satisfy the profile's wish,
-    per guidance strength g, sampled as `mipo-local pairs` does (c' a random persona from the bank). With
-    `candidates` K > 1, K positives are sampled per prompt and the one with the highest pointwise mutual
-    information log p(y|c,x) - log p(y|c',x) under the base is kept, as `mipo-local pairs --candidates K` keeps
-    it."""
+def answer_relevance(base_gguf: str, context: str, questions: list[str], texts: list[str]) -> float:
+    """Mean question-answer PMI per token of `texts` under the base model (mipo_local.relevance)."""
     import numpy as np
 
     from mipo_local.chat import chat_format
-    from mipo_local.engine import Engine, GenRequest
+    from mipo_local.engine import Engine
+    from mipo_local.relevance import relevance
+
+    cf = chat_format(base_gguf)
+    longest = max(len(cf.prompt_ids(context, q)) for q in questions)
+    longest += max(len(cf.response_ids(context, questions[0], t)) for t in texts) + 8
+    with Engine(base_gguf, n_seq=16, ctx_per_seq=longest) as eng:
+        return float(np.mean(relevance(eng, cf, context, questions, texts)))
+
+
+def positives_probe(variants: list[str], n_prompts: int, profiles: list[Profile]) -> None:
+    """The pairs' signal, without training: for each variant of `mipo-local pairs` settings (flags as
+    "guidance=1,temperature=0.7,candidates=4,repeat_penalty=1.1"), the chosen positives of the first
+    `n_prompts` training prompts of each profile, sampled and chosen exactly as `pairs` does
+    (candidates.choose: c' a random persona of the bank, degenerate positives passed over). Prints the
+    share that meets each profile's wish, and how many candidates were degenerate."""
+    import dataclasses
+
+    import numpy as np
+
+    from mipo_local import candidates
+    from mipo_local.chat import chat_format
+    from mipo_local.engine import Engine
     from mipo_local.modelsource import prepare_default
     from mipo_local.personas import negative_pool
+    from mipo_local.settings import PairSettings
 
     model = str(prepare_default())
     cf = chat_format(model)
-    print("| guidance g | " + " | ".join(p.name for p in PROFILES) + " | mean |")
-    print("|---" * (len(PROFILES) + 2) + "|")
-    with Engine(model, n_seq=16, ctx_per_seq=512) as eng:
-        for g in guidances:
-            rng = np.random.default_rng(0)
-            reqs, prompts = [], {}
-            seed_of = (
-                (lambda i, j: i) if candidates == 1 else (lambda i, j: i * 1000 + j)
-            )  # K=1: earlier seeds
-            for prof in PROFILES:
+    print(
+        "| pairs settings | "
+        + " | ".join(p.name for p in profiles)
+        + " | mean | degenerate candidates | dropped |"
+    )
+    print("|---" * (len(profiles) + 4) + "|")
+    for variant in variants:
+        fields = {f.name: f.type for f in dataclasses.fields(PairSettings)}
+        overrides = {}
+        for part in filter(None, variant.split(",")):
+            key, value = part.split("=")
+            overrides[key] = int(value) if fields[key] in ("int", int) else float(value)
+        settings = dataclasses.replace(PairSettings(), **overrides)
+        rng = np.random.default_rng(0)
+        rates, degenerate, dropped, total = [], 0, 0, 0
+        n_seq = min(64, 16 * settings.candidates)
+        with Engine(model, n_seq=n_seq, ctx_per_seq=512) as eng:
+            for prof in profiles:
                 pool = negative_pool(prof.context, [])
+                items = []
                 for i, q in enumerate(QUESTIONS[:n_prompts]):
                     neg = pool[int(rng.integers(len(pool)))]
-                    prompts[(prof.name, i)] = (cf.prompt_ids(prof.context, q), cf.prompt_ids(neg, q))
-                    for j in range(candidates):
-                        reqs.append(
-                            GenRequest(
-                                prompts[(prof.name, i)][0],
-                                max_tokens=max_tokens,
-                                temperature=temperature,
-                                top_p=0.9,
-                                seed=seed_of(i, j),
-                                id=(prof.name, i, j),
-                                guide_prompt=prompts[(prof.name, i)][1],
-                                guidance=g,
-                            )
-                        )
-            out = {r.id: r for r in eng.generate(reqs)}
-            kept = {key: out[(*key, 0)].text for key in prompts}
-            if candidates > 1:  # every candidate scored under (c, x) and (c', x) in one batched pass
-                items = [(prompt, out[(*key, j)].tokens) for key in prompts for prompt in prompts[key]
-                         for j in range(candidates)]  # fmt: skip
-                lp = iter(eng.score_many(items))
-                for key in prompts:
-                    with_c = [next(lp) for _ in range(candidates)]
-                    with_neg = [next(lp) for _ in range(candidates)]
-                    best = int(np.argmax([a - b for a, b in zip(with_c, with_neg, strict=True)]))
-                    kept[key] = out[(*key, best)].text
-            rates = [np.mean([p.check(kept[(p.name, i)]) for i in range(n_prompts)]) for p in PROFILES]
-            print(
-                f"| {g:g} | " + " | ".join(f"{r:.2f}" for r in rates) + f" | **{np.mean(rates):.2f}** |",
-                flush=True,
-            )
+                    neg_ids = cf.prompt_ids(neg, q)
+                    items.append(candidates.Item(f"{prof.name}-{i}", cf.prompt_ids(prof.context, q), neg_ids,
+                                                 neg_ids, prof.context, q))  # fmt: skip
+                choices = candidates.choose(eng, items, settings)
+                kept = [choices[it.key].chosen for it in items]
+                rates.append(np.mean([c is not None and prof.check(c.text) for c in kept]))
+                degenerate += sum(len(c.degenerate) for c in choices.values())
+                dropped += sum(c is None for c in kept)
+                total += len(items)
+        print(
+            f"| `{variant or 'defaults'}` | "
+            + " | ".join(f"{r:.2f}" for r in rates)
+            + f" | **{np.mean(rates):.2f}** | {degenerate} | {dropped} of {total} |",
+            flush=True,
+        )
+
+
+def _mean(rows: list[dict], key: str) -> float:
+    values = [r[key] for r in rows if r.get(key) is not None]
+    return sum(values) / len(values) if values else float("nan")
 
 
 def print_settings_table(rows: list[dict]) -> None:
-    """One line per training setting found in the rows: each profile's held-out adherence, the mean against
-    the prompting baseline, and the mean drift, signed and in size (for settings measured on the same pairs)."""
-    names = [p.name for p in PROFILES if any(r["profile"] == p.name for r in rows)]
+    """One line per training setting found in the rows: each profile's held-out adherence, the mean of the
+    eight against the prompting baseline, loops, and the mean drift, signed and in size (for settings
+    measured on the same pairs)."""
+    names = [p.name for p in ALL_PROFILES if any(r["profile"] == p.name for r in rows)]
     head = [
-        "`mipo-local train` flags",
+        "setting",
         *names,
-        "mean (base + prompt -> MIPO)",
+        "mean of the 8 (base + prompt -> MIPO)",
+        "looping",
         "mean drift",
         "mean \\|drift\\|",
     ]
     print("\n| " + " | ".join(head) + " |")
     print("|---" * len(head) + "|")
-    for setting in dict.fromkeys(r.get("train_args", "") for r in rows):
-        mine = {r["profile"]: r for r in rows if r.get("train_args", "") == setting}
+
+    def key(r):
+        return (
+            r.get("pairs_args", ""),
+            r.get("train_args", ""),
+            r.get("round_args", ""),
+            len(r.get("rounds", [1])),
+        )
+
+    for setting in dict.fromkeys(map(key, rows)):
+        mine = {r["profile"]: r for r in rows if key(r) == setting}
         cells = [f"{mine[n]['mipo']:.2f}" if n in mine else "" for n in names]
-        if len(mine) == len(names):
-            base = sum(r["base_prompted"] for r in mine.values()) / len(mine)
-            tuned = sum(r["mipo"] for r in mine.values()) / len(mine)
-            drift = sum(r["drift_pct"] for r in mine.values()) / len(mine)
-            size = sum(abs(r["drift_pct"]) for r in mine.values()) / len(mine)
+        eight = [mine[p.name] for p in PROFILES if p.name in mine]
+        if len(eight) == len(PROFILES):
+            base, tuned = _mean(eight, "base_prompted"), _mean(eight, "mipo")
             cells += [
-                f"{base:.2f} -> **{tuned:.2f}**" + (f" (x{tuned / base:.2f})" if base else ""),
-                f"{drift:+.1f}%",
-                f"{size:.1f}%",
+                f"{base:.2f} -> **{tuned:.2f}**",
+                f"{_mean(eight, 'degenerate_mipo'):.2f}",
+                f"{_mean(eight, 'drift_pct'):+.1f}%",
+                f"{sum(abs(r['drift_pct']) for r in eight) / len(eight):.1f}%",
             ]
         else:
-            cells += ["(not all profiles)", "", ""]
-        print(f"| `{setting or '(defaults)'}` | " + " | ".join(cells) + " |")
+            cells += ["(not all 8 profiles)", "", "", ""]
+        label = " ".join(
+            f"{what}: `{v}`"
+            for what, v in zip(("pairs", "train", "rounds 2+"), setting[:3], strict=True)
+            if v
+        )
+        print(
+            f"| {label or 'defaults'} ({setting[3]} round{'s' if setting[3] > 1 else ''}) | "
+            + " | ".join(cells)
+            + " |"
+        )
 
 
 def print_table(rows: list[dict], judged: bool) -> None:
+    """Per profile: the prompted base, round 1 and the last round (when several), drift, loops,
+    relevance, and how often each round's chosen answers carried the wish; the eight's mean, then the
+    two profiles outside it."""
+    n_rounds = max(len(r.get("rounds", [])) for r in rows) or 1
+    rounds_head = " | round 1" if n_rounds > 1 else ""
     head = (
-        "| profile | base + context prompt | MIPO export + context | drift "
-        "| looping answers: base / MIPO | pairs: chosen / rejected meet it |"
+        f"| profile | base + context prompt{rounds_head} | MIPO export + context | gain | drift "
+        "| looping answers: base / MIPO | question-answer PMI: base / MIPO | pairs: chosen meet it, by round |"
     )
     print("\n" + head + (" judge win rate |" if judged else ""))
-    print("|---" * (7 if judged else 6) + "|")
-    for r in rows:
+    print("|---" * (head.count("|") - 1 + judged) + "|")
+
+    def line(r: dict) -> str:
+        first = r.get("rounds", [{}])[0]
+        carry = (
+            " / ".join(f"{x.get('pairs_chosen_ok', float('nan')):.2f}" for x in r.get("rounds", []))
+            or f"{r['pairs_chosen_ok']:.2f}"
+        )
         cells = [
             r["profile"],
             f"{r['base_prompted']:.2f}",
-            f"{r['mipo']:.2f}",
+            *([f"{first.get('mipo', float('nan')):.2f}"] if n_rounds > 1 else []),
+            f"**{r['mipo']:.2f}**",
+            f"{r['mipo'] - r['base_prompted']:+.2f}",
             f"{r['drift_pct']:+.2f}%",
             f"{r.get('degenerate_base', float('nan')):.2f} / {r.get('degenerate_mipo', float('nan')):.2f}",
-            f"{r['pairs_chosen_ok']:.2f} / {r['pairs_rejected_ok']:.2f}",
+            f"{r.get('relevance_base', float('nan')):+.2f} / {r.get('relevance_mipo', float('nan')):+.2f}",
+            carry,
         ]
         if judged:
             cells.append(f"{r['judge_win_rate']:.2f}")
-        print("| " + " | ".join(cells) + " |")
-    mean = {k: sum(r[k] for r in rows) / len(rows) for k in ("base_prompted", "mipo", "drift_pct")}
-    size = sum(abs(r["drift_pct"]) for r in rows) / len(rows)
-    loops = " / ".join(
-        f"{sum(r.get(k, float('nan')) for r in rows) / len(rows):.2f}"
-        for k in ("degenerate_base", "degenerate_mipo")
-    )
-    ratio = f" (x{mean['mipo'] / mean['base_prompted']:.2f})" if mean["base_prompted"] else ""
-    print(
-        f"| **mean** | **{mean['base_prompted']:.2f}** | **{mean['mipo']:.2f}**{ratio} "
-        f"| {mean['drift_pct']:+.2f}% (size {size:.2f}%) | {loops} | |" + (" |" if judged else "")
-    )
+        return "| " + " | ".join(cells) + " |"
+
+    eight = [r for r in rows if r["profile"] in {p.name for p in PROFILES}]
+    for r in eight:
+        print(line(r))
+    if eight:
+        size = sum(abs(r["drift_pct"]) for r in eight) / len(eight)
+        lifted = sum(r["mipo"] - r["base_prompted"] >= 0.15 for r in eight)
+        firsts = [r["rounds"][0]["mipo"] for r in eight if r.get("rounds")]
+        round1 = f" | {sum(firsts) / len(firsts):.2f}" if n_rounds > 1 and firsts else ""
+        print(
+            f"| **mean of the 8** | **{_mean(eight, 'base_prompted'):.2f}**{round1} | **{_mean(eight, 'mipo'):.2f}** "
+            f"| {lifted} of {len(eight)} at +0.15 or more | {_mean(eight, 'drift_pct'):+.2f}% (size {size:.2f}%) "
+            f"| {_mean(eight, 'degenerate_base'):.2f} / {_mean(eight, 'degenerate_mipo'):.2f} "
+            f"| {_mean(eight, 'relevance_base'):+.2f} / {_mean(eight, 'relevance_mipo'):+.2f} | |"
+            + (" |" if judged else "")
+        )
+    for r in rows:
+        if r not in eight:
+            print(line(r).replace(f"| {r['profile']} |", f"| {r['profile']} (outside the mean) |", 1))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--profiles", default=",".join(p.name for p in PROFILES))
+    ap.add_argument("--profiles", default=",".join(p.name for p in ALL_PROFILES))
     ap.add_argument("--train-prompts", type=int, default=24, help="the rest of the 48 questions are held out")
     # No extra flags by default: the table measures what `mipo-local run` does (2 pairs a training prompt,
     # 128-token answers, guided positives; 1 epoch at lr 5e-4 with the SFT anchor).
     ap.add_argument("--pairs-args", default="", help="extra flags for `mipo-local pairs`")
     ap.add_argument("--train-args", default="", help="extra flags for `mipo-local train`")
-    ap.add_argument("--temperature", type=float, default=0.1)
+    ap.add_argument(
+        "--decoding",
+        default="",
+        metavar="JSON",
+        help="override the held-out answers' decoding (settings.AnswerSettings, as `chat` samples), e.g. "
+        "'{\"temperature\": 0.1}'",
+    )
+    ap.add_argument(
+        "--rounds", type=int, default=DEFAULT_ROUNDS, help="self-improvement rounds (as `run --rounds`)"
+    )
+    ap.add_argument(
+        "--round-args", default="", help="extra flags for the `train --from-run` of rounds 2 and up"
+    )
     ap.add_argument("--judge", default=None, help="a judge GGUF: also report its win rate, MIPO vs prompting")
     ap.add_argument("--json", default=None, help="also write the results here")
     ap.add_argument(
@@ -278,38 +370,27 @@ def main() -> None:
     )
     ap.add_argument(
         "--positives",
+        action="append",
         default=None,
-        metavar="G1,G2,...",
-        help="only measure how often sampled positives carry the wish, per guidance g (no training)",
-    )
-    ap.add_argument(
-        "--candidates",
-        type=int,
-        default=1,
-        metavar="K",
-        help="with --positives: sample K positives a prompt and keep the highest-PMI one, as `pairs` does",
-    )
-    ap.add_argument(
-        "--probe-tokens",
-        type=int,
-        default=128,
-        metavar="N",
-        help="with --positives: the answers' token limit (default 128, as `pairs --max-tokens`)",
+        metavar="SETTINGS",
+        help="only measure how often the chosen positives carry the wish (no training), for pairs settings "
+        "such as 'guidance=1,temperature=0.7,candidates=4' (repeat the flag to compare several; '' = defaults)",
     )
     args = ap.parse_args()
     if args.table:  # e.g. profiles run in two processes, one per core: `--table a.json,b.json`
         rows = [r for path in args.table.split(",") for r in json.load(open(path))]
-        order = [p.name for p in PROFILES]
+        order = [p.name for p in ALL_PROFILES]
         rows.sort(key=lambda r: order.index(r["profile"]))  # stable: settings keep their file order
-        if len({r.get("train_args") for r in rows}) > 1:  # several settings: compare them
+        settings = {
+            (r.get("pairs_args"), r.get("train_args"), r.get("round_args"), len(r.get("rounds", [1])))
+            for r in rows
+        }
+        if len(settings) > 1:  # several settings: compare them
             return print_settings_table(rows)
         return print_table(rows, judged=all(r.get("judge_win_rate") is not None for r in rows))
-    if args.positives:
-        guidances = [float(g) for g in args.positives.split(",")]
-        return positives_probe(
-            guidances, args.train_prompts, args.probe_tokens, args.temperature, args.candidates
-        )
-    chosen = [p for p in PROFILES if p.name in args.profiles.split(",")]
+    chosen = [p for p in ALL_PROFILES if p.name in args.profiles.split(",")]
+    if args.positives is not None:
+        return positives_probe(args.positives, args.train_prompts, chosen)
     if args.jobs > 1 and len(chosen) > 1:
         rows = run_in_parallel(chosen, args)
     else:
@@ -331,7 +412,8 @@ def run_in_parallel(chosen: list[Profile], args: argparse.Namespace) -> list[dic
         os.close(handle)  # the child writes it
         cmd = [sys.executable, __file__, "--profiles", ",".join(mine), "--json", out,
                "--train-prompts", str(args.train_prompts), "--pairs-args", args.pairs_args,
-               "--train-args", args.train_args, "--temperature", str(args.temperature)]  # fmt: skip
+               "--train-args", args.train_args, "--decoding", args.decoding, "--rounds", str(args.rounds),
+               "--round-args", args.round_args]  # fmt: skip
         cmd += ["--judge", args.judge] if args.judge else []
         cmd += ["--workdir", args.workdir] if args.workdir else []
         pinned = set(cores[j::jobs])
@@ -347,7 +429,9 @@ def run_in_parallel(chosen: list[Profile], args: argparse.Namespace) -> list[dic
 
 
 def measure_profile(prof: Profile, args: argparse.Namespace) -> dict:
-    """The real pipeline for one profile in its own workspace, then its held-out adherence and drift."""
+    """The real pipeline for one profile in its own workspace, round after round; after each round its
+    exported model's held-out adherence, loops, relevance and drift. The row's headline numbers are the
+    last round's; `rounds` holds every round's."""
     from mipo_local.evaluate import export_engine_args, latest_export
     from mipo_local.modelsource import base_model
     from mipo_local.workspace import Workspace
@@ -361,65 +445,85 @@ def measure_profile(prof: Profile, args: argparse.Namespace) -> dict:
     env = {**os.environ, "MIPO_LOCAL_HOME": root}
     # One run per training setting, so a kept workspace can hold several side by side.
     run = "q-" + hashlib.sha1(args.train_args.encode()).hexdigest()[:8]
-    seconds = {}
+    seconds: dict[str, int] = {}
+    decoding = json.loads(args.decoding) if args.decoding else {}
 
     def stage(name: str, *cmd: str, env=env, seconds=seconds) -> str:
         t0 = time.monotonic()
         out = mipo(env, *cmd)
-        seconds[name] = round(time.monotonic() - t0)
+        seconds[name] = seconds.get(name, 0) + round(time.monotonic() - t0)
         return out
 
     if fresh:
         stage("init", "init")
         mipo(env, "context", "add", prof.context)
         mipo(env, "prompts", "add", *train_q)
-    stage("pairs", "pairs", *shlex.split(args.pairs_args))  # a no-op when the kept pairs are complete
     ws = Workspace.open(root)
-
-    def newest_export() -> int | None:
-        sql = "SELECT MAX(e.id) AS id FROM exports e JOIN runs r ON r.id = e.run_id WHERE r.name = ?"
-        return ws.query(sql, (run,))[0]["id"]
-
-    export_id = newest_export()
-    if export_id is None:  # this setting has not been trained (or exported) in this workspace yet
-        status = ws.query("SELECT status FROM runs WHERE name = ?", (run,))
-        if not status:
-            stage("train", "train", "--run", run, *shlex.split(args.train_args))
-        elif status[0]["status"] != "finished":  # a benchmark stopped mid-training: continue it
-            stage("train", "train", "--run", run, "--resume")
-        stage("export", "export", "--run", run, "--no-verify")
-        export_id = newest_export()
     base = str(base_model(ws).file)
-    path, lora = export_engine_args(ws, latest_export(ws, export_id))
-    tuned = answers(str(path), str(lora) if lora else None, prof.context, held_q, args.temperature, base)
-    prompted = answers(base, None, prof.context, held_q, args.temperature, base)
-    drift_line = stage("eval", "eval", "--export", str(export_id), "--n", "8", "--no-plot")
-    drift = re.search(r"drift\s+([+-]?[\d.]+)%", drift_line)
+    prompted = answers(base, None, prof.context, held_q, decoding, base)
+    measured, previous = [], None
+    for k in range(1, args.rounds + 1):
+        name = run if k == 1 else f"{run}-r{k}"
+        from_run = ["--from-run", previous] if previous else []
+        stage("pairs", "pairs", *from_run, *shlex.split(args.pairs_args))  # a no-op when the pairs are there
+        export_id = _newest_export(ws, name)
+        if export_id is None:  # this setting has not been trained (or exported) in this workspace yet
+            status = ws.query("SELECT status FROM runs WHERE name = ?", (name,))
+            if not status:
+                extra = shlex.split(args.round_args) if previous else []
+                stage("train", "train", "--run", name, *from_run, *extra, *shlex.split(args.train_args))
+            elif status[0]["status"] != "finished":  # a benchmark stopped mid-training: continue it
+                stage("train", "train", "--run", name, "--resume")
+            stage("export", "export", "--run", name, "--no-verify")
+            export_id = _newest_export(ws, name)
+        path, lora = export_engine_args(ws, latest_export(ws, export_id))
+        tuned = answers(str(path), str(lora) if lora else None, prof.context, held_q, decoding, base)
+        drift_line = stage("eval", "eval", "--export", str(export_id), "--n", "8", "--no-plot")
+        drift = re.search(r"drift\s+([+-]?[\d.]+)%", drift_line)
+        sampler = previous
+        measured.append({
+            "round": k,
+            "mipo": adherence(prof.check, tuned),
+            "degenerate_mipo": sum(map(degenerate, tuned)) / len(held_q),
+            "relevance_mipo": answer_relevance(base, prof.context, held_q, tuned),
+            "drift_pct": float(drift.group(1)) if drift else None,
+            **pair_signal(ws, prof.check, sampler),
+            "answers": tuned,
+        })  # fmt: skip
+        previous = name
+    last = measured[-1]
     judge = None
     if args.judge:
         from pathlib import Path
 
         from mipo_local.evaluate import judge_answers
 
-        mine, theirs = judge_answers(Path(args.judge), [(prof.context, q) for q in held_q], tuned, prompted)
+        mine, theirs = judge_answers(
+            Path(args.judge), [(prof.context, q) for q in held_q], last["answers"], prompted
+        )
         judge = sum((a > b) + 0.5 * (a == b) for a, b in zip(mine, theirs, strict=True)) / len(held_q)
     row = {
         "profile": prof.name,
         "train_args": args.train_args,
         "pairs_args": args.pairs_args,
+        "round_args": args.round_args,
         "judge_win_rate": judge,
         "base_prompted": adherence(prof.check, prompted),
-        "mipo": adherence(prof.check, tuned),
         "degenerate_base": sum(map(degenerate, prompted)) / len(held_q),
-        "degenerate_mipo": sum(map(degenerate, tuned)) / len(held_q),
-        "drift_pct": float(drift.group(1)) if drift else None,
-        # What the training pairs carried: the share of chosen / rejected answers that meet the wish.
-        **pair_signal(ws, prof.check),
+        "relevance_base": answer_relevance(base, prof.context, held_q, prompted),
+        **{k: v for k, v in last.items() if k not in ("round", "answers")},
+        "rounds": [{k: v for k, v in r.items() if k != "answers"} for r in measured],
         "seconds": seconds,
-        "answers": {"mipo": tuned, "base_prompted": prompted},
-    }
-    print(json.dumps(row), flush=True)
+        "answers": {"mipo": last["answers"], "base_prompted": prompted,
+                    **{f"round{r['round']}": r["answers"] for r in measured[:-1]}},
+    }  # fmt: skip
+    print(json.dumps({k: v for k, v in row.items() if k != "answers"}), flush=True)
     return row
+
+
+def _newest_export(ws, run_name: str) -> int | None:
+    sql = "SELECT MAX(e.id) AS id FROM exports e JOIN runs r ON r.id = e.run_id WHERE r.name = ?"
+    return ws.query(sql, (run_name,))[0]["id"]
 
 
 if __name__ == "__main__":

@@ -12,7 +12,10 @@ from pathlib import Path
 
 from . import modelsource
 from .chat import chat_format
+from .engine import Penalties
 from .errors import UserInputError, WorkspaceError
+from .settings import AnswerSettings
+from .validation import PROMPT_CHARS_MAX, check_text, require_int, require_number
 from .workspace import Workspace
 
 
@@ -58,13 +61,21 @@ class ChatSession:
     model: ModelChoice
     template_gguf: Path  # the base model's file: one chat template for every stage
     system: str | None = None
-    temperature: float = 0.7
-    top_p: float = 0.9
-    max_tokens: int = 512
+    temperature: float = AnswerSettings.temperature
+    top_p: float = AnswerSettings.top_p
+    max_tokens: int = AnswerSettings.max_tokens
+    top_k: int = AnswerSettings.top_k
+    penalties: Penalties = field(
+        default_factory=lambda: Penalties(AnswerSettings.repeat_penalty, AnswerSettings.repeat_last_n)
+    )
     history: list[dict] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         from .engine import Engine
+
+        require_number("--temperature", self.temperature, 0.0, 5.0)
+        require_number("--top-p", self.top_p, 0.0, 1.0, low_open=True)
+        require_int("--max-tokens", self.max_tokens, 1, 8192)
 
         self._cf = chat_format(str(self.template_gguf))
         self._engine = Engine(self.model.path, n_seq=1, ctx_per_seq=4096, lora_path=self.model.lora)
@@ -74,13 +85,20 @@ class ChatSession:
         """Stream the answer to `message`; the full answer joins the history when the stream ends."""
         if not message.strip():
             raise UserInputError("The message is empty.")
+        message = check_text(message, "The message", PROMPT_CHARS_MAX)
         messages = ([{"role": "system", "content": self.system}] if self.system else []) + self.history
         messages.append({"role": "user", "content": message})
-        ids = self._cf.tokenizer.encode_prompt(self._cf.template.render(messages, add_generation_prompt=True))
+        ids = self._cf.conversation_ids(messages)
         pieces = []
         self._turn += 1
         for piece in self._engine.stream(
-            ids, max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p, seed=self._turn
+            ids,
+            max_tokens=self.max_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            seed=self._turn,
+            penalties=self.penalties,
+            top_k=self.top_k,
         ):
             pieces.append(piece)
             yield piece

@@ -30,6 +30,40 @@ class TooLongError(UserInputError, ValueError):
     """A prompt (or prompt + response) that does not fit the engine's per-sequence context."""
 
 
+@dataclass(frozen=True)
+class Penalties:
+    """llama.cpp's (and Ollama's) repetition penalties, applied to the logits before sampling.
+
+    Each of the last `last_n` generated tokens has its logit divided by `repeat` (multiplied, when
+    negative), then lowered by `frequency` per occurrence and by `presence` once. The prompt is not
+    counted: an answer may name what the question names. The defaults change nothing.
+    """
+
+    repeat: float = 1.0
+    last_n: int = 64
+    presence: float = 0.0
+    frequency: float = 0.0
+
+    @property
+    def active(self) -> bool:
+        return self.last_n != 0 and (self.repeat != 1.0 or self.presence != 0.0 or self.frequency != 0.0)
+
+    def apply(self, logits: np.ndarray, history: Sequence[int]) -> np.ndarray:
+        recent = history[-self.last_n :] if self.last_n > 0 else history
+        if not self.active or not len(recent):
+            return logits
+        ids, counts = np.unique(np.asarray(recent), return_counts=True)
+        x = logits[ids]
+        x = np.where(x > 0, x / self.repeat, x * self.repeat)
+        x = x - counts * self.frequency - self.presence
+        out = logits.copy()
+        out[ids] = x
+        return out
+
+
+NO_PENALTIES = Penalties()
+
+
 @dataclass
 class GenRequest:
     prompt: list[int]
@@ -38,6 +72,8 @@ class GenRequest:
     top_p: float = 0.9
     seed: int = 0
     id: object = None
+    penalties: Penalties = NO_PENALTIES
+    top_k: int = 0
     # Context-contrastive sampling: with a guide prompt (the same question under another context) and
     # guidance g > 0, tokens are drawn from p(y|prompt) * [p(y|prompt) / p(y|guide)]^g, restricted to tokens
     # the prompt itself finds plausible. It tilts the answer towards what the prompt's context changes.
@@ -82,8 +118,10 @@ def guided_logits(main: np.ndarray, guide: np.ndarray, guidance: float) -> np.nd
     return out
 
 
-def sample_token(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> int:
-    """Temperature + nucleus (top-p) sampling; temperature <= 0 is greedy.
+def sample_token(
+    logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator, top_k: int = 0
+) -> int:
+    """Temperature + top-k (0: off) + nucleus (top-p) sampling; temperature <= 0 is greedy.
 
     Only tokens within e^-30 of the most likely one are considered: together the rest hold less than 1e-8 of
     the mass, and skipping them makes sampling ~10x cheaper than a softmax over the whole vocabulary.
@@ -95,6 +133,8 @@ def sample_token(logits: np.ndarray, temperature: float, top_p: float, rng: np.r
     probs = np.exp((z[top] - z[top].max()).astype(np.float64))
     order = np.argsort(-probs, kind="stable")
     top, probs = top[order], probs[order] / probs.sum()
+    if 0 < top_k < len(top):
+        top, probs = top[:top_k], probs[:top_k] / probs[:top_k].sum()
     if top_p < 1.0:
         keep = int(np.searchsorted(np.cumsum(probs), top_p)) + 1
         top, probs = top[:keep], probs[:keep] / probs[:keep].sum()
@@ -296,7 +336,8 @@ class Engine:
                 logits = self._logits(slot.batch_index)
                 if slot.guide_seq is not None:
                     logits = guided_logits(logits, self._logits(slot.guide_index), req.guidance)
-                tok = sample_token(logits, req.temperature, req.top_p, slot.rng)
+                logits = req.penalties.apply(logits, slot.tokens)
+                tok = sample_token(logits, req.temperature, req.top_p, slot.rng, req.top_k)
                 reason = None
                 if self.is_eog(tok):
                     reason = "stop"
@@ -325,6 +366,8 @@ class Engine:
         temperature: float = 0.7,
         top_p: float = 0.9,
         seed: int = 0,
+        penalties: Penalties = NO_PENALTIES,
+        top_k: int = 0,
     ) -> Iterator[str]:
         """Stream one answer to prompt token ids as text pieces; complete UTF-8 characters only."""
         if len(prompt) + 1 > self.ctx_per_seq:
@@ -339,7 +382,8 @@ class Engine:
             entries = [(t, pos + j, 0, j == len(pending) - 1) for j, t in enumerate(pending)]
             self._decode(entries)
             pos += len(pending)
-            tok = sample_token(self._logits(len(entries) - 1), temperature, top_p, rng)
+            logits = penalties.apply(self._logits(len(entries) - 1), out)
+            tok = sample_token(logits, temperature, top_p, rng, top_k)
             if self.is_eog(tok) or pos + 1 >= self.ctx_per_seq:
                 break
             out.append(tok)
@@ -357,9 +401,7 @@ class Engine:
         """
         from .chat import chat_format
 
-        cf = chat_format(str(self.path))
-        text = cf.template.render(messages, add_generation_prompt=True)
-        yield from self.stream(cf.tokenizer.encode_prompt(text), **sampling)
+        yield from self.stream(chat_format(str(self.path)).conversation_ids(messages), **sampling)
 
     # -- scoring ---------------------------------------------------------------------------------
 

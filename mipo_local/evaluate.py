@@ -29,6 +29,7 @@ from .personas import negative_pool
 from .progress import EtaClock, Log, Progress
 from .settings import EvalSettings
 from .train import runs
+from .validation import require_int, require_seed
 from .workspace import Workspace
 
 JUDGE_PROMPT = (
@@ -114,6 +115,8 @@ def validate(settings: EvalSettings) -> None:
     """Raise UserInputError naming the first bad setting."""
     if settings.n < 1:
         raise UserInputError(f"--n must be at least 1, not {settings.n}.")
+    require_int("--n", settings.n, 1, 1000)
+    require_seed("--seed", settings.seed)
     if not 1 <= settings.max_tokens <= 4096:
         raise UserInputError(f"--max-tokens must be between 1 and 4096, not {settings.max_tokens}.")
     if not 0.0 <= settings.temperature <= 5.0:
@@ -123,11 +126,12 @@ def validate(settings: EvalSettings) -> None:
 
 
 def _answers(engine, cf, items, settings: EvalSettings) -> list[str]:
-    from .engine import GenRequest
+    from .engine import GenRequest, Penalties
 
     reqs = [
         GenRequest(cf.prompt_ids(c, x), max_tokens=settings.max_tokens, temperature=settings.temperature,
-                   top_p=settings.top_p, seed=settings.seed + i, id=i)
+                   top_p=settings.top_p, seed=settings.seed + i, id=i, top_k=settings.top_k,
+                   penalties=Penalties(settings.repeat_penalty, settings.repeat_last_n))
         for i, (c, x) in enumerate(items)
     ]  # fmt: skip
     out = {r.id: r.text.strip() for r in engine.generate(reqs)}
@@ -138,7 +142,7 @@ def judge_answers(path: Path, items, answers_a, answers_b) -> tuple[list[int], l
     from .engine import Engine
 
     cf = chat_format(str(path))
-    digits = [cf.tokenizer.encode(str(d)) for d in range(1, 6)]
+    digits = [cf.tokenizer.encode_text(str(d)) for d in range(1, 6)]
     with Engine(path, n_seq=8, ctx_per_seq=2048) as judge:
         scores = []
         for answers in (answers_a, answers_b):

@@ -25,10 +25,11 @@ from . import gguf_io, merge, ollama, quantize
 from .adapter_gguf import adapter_bytes, write_adapter_gguf
 from .adapter_io import ADAPTER_FILE, AdapterFile, load_adapter
 from .errors import ExportError, ModelError, UserInputError
-from .fsutil import atomic_dir, require_free_space, sha256_file
+from .fsutil import atomic_dir, require_free_space, require_writable_dir, sha256_file
 from .progress import EtaClock, Log, Progress
 from .settings import ExportSettings
 from .train import runs
+from .validation import THREADS_MAX, require_int
 from .workspace import Workspace
 
 STAGE = "export"
@@ -66,6 +67,7 @@ class _Plan:
     template: str | None  # the Ollama TEMPLATE, None when the chat template cannot be translated
     turns: ollama.TurnFormat | None
     warnings: list[str]
+    modelfile: str | None = None  # the Modelfile's text, written and checked before any heavy work
 
     @property
     def label(self) -> str:
@@ -88,6 +90,9 @@ def _recorded(ws, folder: Path) -> bool:
 
 
 def _plan(ws, run_name, settings: ExportSettings, out_dir, ollama_name, force) -> _Plan:
+    require_int("--threads", settings.threads, 1, THREADS_MAX)
+    if ollama_name is not None:
+        ollama.check_model_name(ollama_name)
     run = runs.require_run(ws, run_name, finished=True)
     base = Path(run.base_model["path"])
     if not base.is_file():
@@ -124,6 +129,7 @@ def _plan(ws, run_name, settings: ExportSettings, out_dir, ollama_name, force) -
             raise
         warnings.append(f"No Modelfile written: {err}")
 
+    require_writable_dir(out.parent, "--out")
     if quant is None:
         needed = adapter_bytes(adapter) + (4 << 20)
     else:  # the F16 intermediate and the quantized file exist together for a moment
@@ -133,7 +139,49 @@ def _plan(ws, run_name, settings: ExportSettings, out_dir, ollama_name, force) -
 
     name = run.base_model.get("name") or gguf_io.field_value(reader, gguf.Keys.General.NAME) or base.stem
     stem = f"{_slug(name)}-{_slug(run.name)}"
-    return _Plan(run, base, reader, adapter, quant, out, stem, template, turns, warnings)
+    plan = _Plan(run, base, reader, adapter, quant, out, stem, template, turns, warnings)
+    if template is not None:
+        plan.modelfile = _modelfile_text(ws, plan, settings)
+    return plan
+
+
+def main_file_name(plan: _Plan) -> str:
+    """The file a user runs: the merged model at its quant, or the adapter."""
+    if plan.quant is None:
+        return f"{plan.stem}-lora.gguf"
+    return f"{plan.stem}-F16.gguf" if plan.quant == "f16" else f"{plan.stem}-{plan.quant.upper()}.gguf"
+
+
+def _modelfile_text(ws: Workspace, plan: _Plan, settings: ExportSettings) -> str:
+    """The Modelfile, with the user's contexts as SYSTEM: checked here, before merging and quantizing.
+
+    Ollama tokenizes the whole rendered prompt with special tokens parsed, so a context holding one of
+    the model's special-token strings would turn into that token there (mipo-local keeps it text)."""
+    from .chat import chat_format
+
+    contexts = ws.contexts() if settings.system_from_contexts else []
+    special = chat_format(str(plan.base)).tokenizer.special_strings
+    for c in contexts:
+        if '"""' in c.text:
+            raise UserInputError(
+                f'Context {c.id} contains """, which an Ollama Modelfile cannot hold.',
+                hint=f"Edit it (mipo-local context edit {c.id} TEXT) or export with --no-system.",
+            )
+        found = special(c.text)
+        if found:
+            raise UserInputError(
+                f"Context {c.id} contains {found[0]!r}, a special token of this model, which Ollama would "
+                "read as that token rather than as text.",
+                hint=f"Edit it (mipo-local context edit {c.id} TEXT) or export with --no-system.",
+            )
+    main = main_file_name(plan)
+    return ollama.modelfile_text(
+        from_=str(plan.base) if plan.quant is None else f"./{main}",
+        adapter=f"./{main}" if plan.quant is None else None,
+        template=plan.template,
+        stops=plan.turns.stops,
+        system="\n\n".join(c.text for c in contexts) or None,  # the model was trained with them as system
+    )
 
 
 def export(
@@ -168,12 +216,14 @@ def export(
                 f"(sha256 {sha[:12]}, trained on {plan.adapter.base_sha256[:12]}); export needs the same file."
             )
         meta = merge.provenance(base_sha256=sha, run_name=run.name, run_settings=run.settings)
+        if not plan.out.is_relative_to(ws.root):
+            ws.remember_scratch_dir(plan.out.parent)
         with atomic_dir(plan.out) as tmp:
             if plan.quant is None:
                 main = yield from _write_adapter(tmp, plan, meta, timings)
             else:
                 main = yield from _write_merged(tmp, plan, meta, settings, timings)
-            modelfile = _write_modelfile(ws, tmp, plan, main, settings)
+            modelfile = _write_modelfile(tmp, plan)
             fid = yield from _verify(ws, plan, main, settings, timings)
             files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
         timings["total_s"] = time.monotonic() - started
@@ -198,7 +248,7 @@ def export(
 def _write_adapter(tmp: Path, plan: _Plan, meta: dict, timings: dict) -> Events:
     t0 = time.monotonic()
     path = write_adapter_gguf(
-        plan.base, tmp / f"{plan.stem}-lora.gguf", plan.adapter, metadata=meta, reader=plan.reader
+        plan.base, tmp / main_file_name(plan), plan.adapter, metadata=meta, reader=plan.reader
     )
     timings["adapter_s"] = time.monotonic() - t0
     yield Progress(STAGE, 1, 1, "adapter written", unit="steps")
@@ -221,29 +271,15 @@ def _write_merged(tmp: Path, plan: _Plan, meta: dict, settings: ExportSettings, 
         return f16
     yield Log(STAGE, f"Quantizing to {quant.upper()} with llama.cpp...")
     t0 = time.monotonic()
-    target = quantize.quantize(
-        f16, tmp / f"{plan.stem}-{quant.upper()}.gguf", quant, threads=settings.threads
-    )
+    target = quantize.quantize(f16, tmp / main_file_name(plan), quant, threads=settings.threads)
     f16.unlink()  # the intermediate F16 is not part of the export
     timings["quantize_s"] = time.monotonic() - t0
     yield clock.event(STAGE, clock.total, f"quantized to {quant.upper()}", unit="tensors")
     return target
 
 
-def _write_modelfile(
-    ws: Workspace, tmp: Path, plan: _Plan, main: Path, settings: ExportSettings
-) -> Path | None:
-    if plan.template is None:
-        return None
-    contexts = [c.text for c in ws.contexts()] if settings.system_from_contexts else []
-    text = ollama.modelfile_text(
-        from_=str(plan.base) if plan.quant is None else f"./{main.name}",
-        adapter=f"./{main.name}" if plan.quant is None else None,
-        template=plan.template,
-        stops=plan.turns.stops,
-        system="\n\n".join(contexts) or None,  # the model was trained with the contexts as system turn
-    )
-    return ollama.write_modelfile(tmp, text)
+def _write_modelfile(tmp: Path, plan: _Plan) -> Path | None:
+    return ollama.write_modelfile(tmp, plan.modelfile) if plan.modelfile is not None else None
 
 
 def _verify(ws: Workspace, plan: _Plan, main: Path, settings: ExportSettings, timings: dict):

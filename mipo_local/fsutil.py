@@ -88,12 +88,39 @@ def atomic_path(target: Path) -> Iterator[Path]:
                 shutil.rmtree(tmp_path)
             else:
                 tmp_path.unlink()
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise WorkspaceError(
-                f"The disk is full: {target} could not be written; nothing was half-written. "
-                "Free some disk space and run the same command again."
-            ) from exc
+        if disk_full(exc, target.parent):
+            raise disk_full_error(target) from exc
         raise
+
+
+def disk_full(exc: BaseException, directory: Path) -> bool:
+    """Whether `exc` is a write that failed for lack of space. numpy's tofile reports a short write as an
+    OSError without errno, so an errno-less OSError on a file system with (almost) no room counts too."""
+    if not isinstance(exc, OSError):
+        return False
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return True
+    return exc.errno is None and free_bytes(directory) < FULL_BELOW
+
+
+FULL_BELOW = 1 << 20  # a file system with less than 1 MiB free is full for any model file
+
+
+def free_bytes(directory: Path) -> int:
+    probe = Path(directory)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        return shutil.disk_usage(probe).free
+    except OSError:
+        return 1 << 62
+
+
+def disk_full_error(target: Path) -> WorkspaceError:
+    return WorkspaceError(
+        f"The disk is full: {target} could not be written; nothing was half-written. "
+        "Free some disk space and run the same command again."
+    )
 
 
 def atomic_write_bytes(target: Path, data: bytes) -> None:
@@ -136,6 +163,21 @@ def require_free_space(directory: Path, needed_bytes: int, what: str) -> None:
         )
 
 
+def require_writable_dir(directory: Path, flag: str) -> None:
+    """Raise before any work when files cannot be created in `directory` (read-only, /proc, no such
+    parent): a free-space figure for such a place would be meaningless."""
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".mipo-probe.", dir=directory)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise WorkspaceError(
+            f"{flag}: cannot create files in {directory} ({err.strerror or err}); choose a folder you can write to."
+        ) from err
+
+
 @contextlib.contextmanager
 def atomic_dir(target: Path) -> Iterator[Path]:
     """Yield a private temp directory beside `target`; on success it replaces `target` in one rename.
@@ -159,8 +201,10 @@ def atomic_dir(target: Path) -> Iterator[Path]:
         _fsync_dir(target.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if disk_full(exc, target.parent):
+            raise disk_full_error(target) from exc
         raise
 
 

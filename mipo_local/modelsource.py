@@ -237,12 +237,27 @@ def resolve(spec: str | None) -> Path:
     )
 
 
-def set_base_model(ws: Workspace, spec: str | None) -> BaseModel:
-    """Resolve, validate and record the workspace's base model. Nothing is written if validation fails."""
+def check_model(spec: str | None) -> tuple[Path, gguf_io.GGUFInfo]:
+    """Resolve `spec` and make sure mipo-local can use the file, before anything records it: a GGUF of a
+    supported architecture, with a chat template, whose tensors llama.cpp loads (a memory-mapped load
+    with a tiny context: well under a second for the default model).
+
+    Raises:
+        ModelError: a missing, foreign, truncated or unsupported file, no chat template, unloadable tensors.
+    """
+    from .llama_loader import load_llama
+
     path = resolve(spec)
     info = gguf_io.read_info(path)  # raises for missing, foreign, truncated or unsupported files
     if not info.chat_template:
         raise ModelError(f"{path} has no chat template; mipo-local needs an instruct model with one.")
+    load_llama(path, n_ctx=16, n_batch=16, n_threads=1).close()
+    return path, info
+
+
+def set_base_model(ws: Workspace, spec: str | None) -> BaseModel:
+    """Resolve, validate and record the workspace's base model. Nothing is written if validation fails."""
+    path, info = check_model(spec)
     entry = catalog.default_entry() if (spec or DEFAULT_SPEC) == DEFAULT_SPEC else catalog.find_entry(spec)
     model = BaseModel(
         spec=spec or DEFAULT_SPEC,

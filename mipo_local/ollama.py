@@ -12,6 +12,7 @@ instead of shipping a template that would quietly prompt the model differently f
 from __future__ import annotations
 
 import json
+import re
 import shlex
 import shutil
 import subprocess
@@ -22,8 +23,9 @@ import gguf
 
 from . import gguf_io, gotemplate
 from .chat import ChatTemplate, Message, TemplateError
-from .errors import ExportError
+from .errors import ExportError, UserInputError
 from .fsutil import atomic_write_text
+from .settings import AnswerSettings
 
 MODELFILE = "Modelfile"
 
@@ -262,6 +264,35 @@ def template_from_reader(reader: gguf.GGUFReader, source: Path) -> tuple[ChatTem
     return ChatTemplate(text, bos, token_text(gguf.Keys.Tokenizer.EOS_ID)), add_bos
 
 
+_NAME_LIMIT = 128  # Ollama's limit on a whole model name (types/model/name.go, MaxNamePartLen)
+_NAME_PART = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+def check_model_name(name: str) -> None:
+    """Refuse a name that `ollama create` would refuse: [host/][namespace/]model[:tag], each part of
+    letters, digits, `_`, `.` and `-` (no `.` in the namespace, no `..`), 128 characters at most.
+
+    Raises:
+        UserInputError: naming what is wrong, before any export work starts.
+    """
+    shown = name if len(name) <= 60 else name[:57] + "..."
+    problem = None
+    model, _, tag = name.rpartition(":") if ":" in name else (name, "", "")
+    parts = model.split("/")
+    if not name:
+        problem = "it is empty"
+    elif len(name) > _NAME_LIMIT:
+        problem = f"it is longer than {_NAME_LIMIT} characters"
+    elif len(parts) > 3 or not all(parts) or (":" in name and not tag):
+        problem = "write it as [namespace/]name[:tag]"
+    elif not all(_NAME_PART.fullmatch(p) for p in [*parts, *([tag] if tag else [])]):
+        problem = "use only letters, digits, '_', '.' and '-' (no spaces)"
+    elif ".." in name or (len(parts) >= 2 and "." in parts[-2]):
+        problem = "it has '..' or a '.' in its namespace"
+    if problem:
+        raise UserInputError(f"--ollama {shown!r} is not a name Ollama accepts: {problem}.")
+
+
 def _quoted(text: str, what: str) -> str:
     if '"""' in text:
         raise ExportError(
@@ -270,15 +301,38 @@ def _quoted(text: str, what: str) -> str:
     return f'"""{text}"""'
 
 
+def sampling_parameters(answers: AnswerSettings | None = None) -> dict[str, float | int]:
+    """The PARAMETERs that make Ollama sample as `mipo-local chat` does (Ollama's own names)."""
+    a = answers or AnswerSettings()
+    return {
+        "temperature": a.temperature,
+        "top_p": a.top_p,
+        "top_k": a.top_k,
+        "repeat_penalty": a.repeat_penalty,
+        "repeat_last_n": a.repeat_last_n,
+        "num_predict": a.max_tokens,
+    }
+
+
 def modelfile_text(
-    *, from_: str, template: str, stops: list[str], system: str | None, adapter: str | None = None
+    *,
+    from_: str,
+    template: str,
+    stops: list[str],
+    system: str | None,
+    adapter: str | None = None,
+    parameters: dict[str, float | int] | None = None,
 ) -> str:
-    """The Modelfile: FROM, optional ADAPTER, TEMPLATE, PARAMETER stop lines, optional SYSTEM."""
+    """The Modelfile: FROM, optional ADAPTER, TEMPLATE, PARAMETER lines (stops, then the sampling
+    settings: `sampling_parameters()` unless given), optional SYSTEM."""
     lines = [f"FROM {from_}"]
     if adapter:
         lines.append(f"ADAPTER {adapter}")
     lines.append(f"TEMPLATE {_quoted(template, 'chat template')}")
     lines += [f"PARAMETER stop {json.dumps(s, ensure_ascii=False)}" for s in stops]
+    params = sampling_parameters() if parameters is None else parameters
+    lines += [f"PARAMETER {name} {value:g}" if isinstance(value, float) else f"PARAMETER {name} {value}"
+              for name, value in params.items()]  # fmt: skip
     if system:
         lines.append(f"SYSTEM {_quoted(system, 'system text (your contexts)')}")
     return "\n".join(lines) + "\n"

@@ -30,16 +30,19 @@ from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
 
-from . import modelsource
+from . import candidates, modelsource, rounds
 from .chat import chat_format
 from .errors import UserInputError
 from .personas import negative_pool
 from .progress import EtaClock, Log, Progress
+from .rounds import Sampler
 from .settings import NEGATIVE_STRATEGIES, PairSettings
+from .validation import require_number, require_seed
 from .workspace import Workspace
 
 MAX_TOKENS_RANGE = (1, 4096)
 CHUNK_PAIRS = 16  # pairs generated and committed together (kill -9 loses at most one chunk)
+PMI_DROP = "pmi margin"  # how a --min-pmi drop's reason begins in pair_skips
 
 
 @dataclass
@@ -60,8 +63,26 @@ class PairsSummary:
     planned: int
     already_done: int
     generated: int
-    dropped: int
+    dropped: int  # by --min-pmi
     skipped_prompts: int
+    degenerate: int = 0  # degenerate positive candidates passed over (loops, empty, echoes)
+    resampled: int = 0  # pairs whose positives were sampled again because every candidate was degenerate
+    dropped_degenerate: int = 0  # pairs dropped because every positive stayed degenerate
+
+
+def describe(s: PairsSummary) -> str:
+    """The summary as one sentence, for the CLI and the app."""
+    parts = [f"{s.already_done} already done"]
+    if s.dropped:
+        parts.append(f"{s.dropped} dropped by --min-pmi")
+    if s.degenerate:
+        parts.append(
+            f"{s.degenerate} degenerate positives passed over ({s.resampled} pairs sampled again, "
+            f"{s.dropped_degenerate} dropped)"
+        )
+    if s.skipped_prompts:
+        parts.append(f"{s.skipped_prompts} prompts skipped")
+    return f"{s.generated} new pairs ({', '.join(parts)})"
 
 
 def validate(settings: PairSettings) -> None:
@@ -81,18 +102,16 @@ def validate(settings: PairSettings) -> None:
     for flag, value in (("--per-prompt", settings.per_prompt), ("--candidates", settings.candidates)):
         if not 1 <= value <= 64:
             raise UserInputError(f"{flag} must be between 1 and 64, not {value}.")
+    require_number("--repeat-penalty", settings.repeat_penalty, 1.0, 2.0)
     if not 1 <= settings.batch_size <= 256:
         raise UserInputError(f"The batch size must be between 1 and 256, not {settings.batch_size}.")
     if settings.min_pmi is not None and not settings.score:
         raise UserInputError("--min-pmi needs scoring; drop --no-score.")
+    require_number("--min-pmi", settings.min_pmi, -1e6, 1e6)
+    require_seed("--seed", settings.seed)
 
 
-def _stable_int(*parts: object) -> int:
-    digest = hashlib.sha256("|".join(str(p) for p in parts).encode()).digest()
-    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
-
-
-def plan_pairs(ws: Workspace, settings: PairSettings) -> list[PairPlan]:
+def plan_pairs(ws: Workspace, settings: PairSettings, sampler: Sampler | None = None) -> list[PairPlan]:
     """Every pair these settings ask for, in a stable order, with its negative chosen by a keyed seed."""
     contexts = ws.contexts()
     prompts = ws.prompts()
@@ -112,6 +131,8 @@ def plan_pairs(ws: Workspace, settings: PairSettings) -> list[PairPlan]:
         settings.candidates,
         settings.seed,
         *([settings.guidance] if settings.guidance else []),  # keys of unguided pairs stay as they were
+        *([f"rp{settings.repeat_penalty}"] if settings.repeat_penalty != 1.0 else []),
+        *(sampler.key_parts() if sampler else ()),  # a later round's pairs are new requests
     )
     plans: list[PairPlan] = []
     seen: set[str] = set()  # two contexts with the same text ask for the same pairs once
@@ -123,7 +144,7 @@ def plan_pairs(ws: Workspace, settings: PairSettings) -> list[PairPlan]:
                 if key in seen:
                     continue
                 seen.add(key)
-                rng = np.random.default_rng(_stable_int(key, "plan"))
+                rng = np.random.default_rng(candidates.stable_int(key, "plan"))
                 neg_context = neg_prompt = None
                 if settings.strategy == "random-context":
                     neg_context = pool[int(rng.integers(len(pool)))]
@@ -140,7 +161,7 @@ def plan_pairs(ws: Workspace, settings: PairSettings) -> list[PairPlan]:
                         neg_context,
                         neg_prompt,
                         settings.strategy,
-                        _stable_int(key, "seed"),
+                        candidates.stable_int(key, "seed"),
                     )
                 )
     return plans
@@ -151,15 +172,44 @@ def _done_keys(ws: Workspace) -> set[str]:
     return {r[0] for r in rows}
 
 
-def generate_pairs(ws: Workspace, settings: PairSettings) -> Generator[Progress | Log, None, PairsSummary]:
+def _revisit_skips(ws: Workspace, keys: set[str], min_pmi: float | None) -> int:
+    """Pairs an earlier --min-pmi dropped that this threshold keeps come back from their stored text (no
+    sampling); a drop recorded without its text is forgotten, so the pair is sampled again. Returns how
+    many were restored."""
+    restored = 0
+    with ws.transaction() as conn:
+        for row in conn.execute("SELECT pair_key, reason, pair_row FROM pair_skips").fetchall():
+            if row["pair_key"] not in keys or not row["reason"].startswith(PMI_DROP):
+                continue  # a plan whose positives were all degenerate stays dropped: its seeds are fixed
+            pair = json.loads(row["pair_row"]) if row["pair_row"] else None
+            if pair is not None and min_pmi is not None and pair["pmi_margin"] < min_pmi:
+                continue  # still below the threshold: stays dropped
+            if pair is not None:
+                conn.execute(_INSERT_PAIR, pair)
+                restored += 1
+            conn.execute("DELETE FROM pair_skips WHERE pair_key = ?", (row["pair_key"],))
+    return restored
+
+
+def generate_pairs(
+    ws: Workspace, settings: PairSettings, from_run: str | None = None
+) -> Generator[Progress | Log, None, PairsSummary]:
     """The `mipo-local pairs` job. Yields progress; returns a summary. Resumable and cancellable."""
     from . import gguf_io
     from .engine import Engine  # llama.cpp loads only when a job runs
 
     validate(settings)
     model = modelsource.base_model(ws)
-    plans = plan_pairs(ws, settings)
-    with ws.job("pairs", f"mipo-local pairs ({len(plans)} pairs, {settings.strategy})"):
+    sampler = rounds.sampler_for(ws, from_run)
+    plans = plan_pairs(ws, settings, sampler)
+    with ws.job(
+        "pairs", f"mipo-local pairs ({len(plans)} pairs, round {sampler.round}, {settings.strategy})"
+    ):
+        if sampler.run is not None:
+            yield Log("pairs", f"Round {sampler.round}: sampling from {sampler.label}.")
+        restored = _revisit_skips(ws, {p.key for p in plans}, settings.min_pmi)
+        if restored:
+            yield Log("pairs", f"Restored {restored} pairs that a higher --min-pmi had dropped.")
         done = _done_keys(ws)
         todo = [p for p in plans if p.key not in done]
         summary = PairsSummary(len(plans), len(plans) - len(todo), 0, 0, 0)
@@ -176,21 +226,29 @@ def generate_pairs(ws: Workspace, settings: PairSettings) -> Generator[Progress 
         # Every plan is encoded, done ones too: the engine's shape then depends on the plan alone, so a resumed
         # run decodes exactly what an uninterrupted one would.
         encoded = {plan.key: _encode(cf, plan) for plan in plans}
-        too_long = {p.prompt_id: p for p in plans if max(map(len, encoded[p.key].values())) > prompt_limit}
-        for plan in too_long.values():
-            yield Log(
-                "pairs",
-                f"Skipped prompt {plan.prompt_id} ('{plan.prompt[:40]}...'): with its context it leaves no "
-                f"room for a {settings.max_tokens}-token answer in the model's {n_ctx_train}-token window.",
-                level="warning",
-            )
-        summary.skipped_prompts = len(too_long)
-        runnable = [p for p in todo if p.prompt_id not in too_long]
+        # The fit is a property of each plan (its context, question and negative), not of the prompt: one
+        # long context must not cost every other context its pairs.
+        too_long = {p.key for p in plans if max(map(len, encoded[p.key].values())) > prompt_limit}
+        reported = set()
+        for plan in plans:
+            if plan.key in too_long and (plan.context_id, plan.prompt_id) not in reported:
+                reported.add((plan.context_id, plan.prompt_id))
+                yield Log(
+                    "pairs",
+                    f"Skipped prompt {plan.prompt_id} ('{plan.prompt[:40]}') with context {plan.context_id} "
+                    f"('{plan.context[:40]}'): together they leave no room for a {settings.max_tokens}-token "
+                    f"answer in the model's {n_ctx_train}-token window.",
+                    level="warning",
+                )
+        summary.skipped_prompts = len(reported)
+        runnable = [p for p in todo if p.key not in too_long]
         if not runnable:
             return summary
-        fitting = [e for p in plans if p.prompt_id not in too_long for e in encoded[p.key].values()]
+        fitting = [e for p in plans if p.key not in too_long for e in encoded[p.key].values()]
         ctx_per_seq = min(max(map(len, fitting)) + settings.max_tokens + 2, n_ctx_train)
-        engine = Engine(model.file, n_seq=settings.batch_size, ctx_per_seq=ctx_per_seq)
+        engine = Engine(
+            model.file, n_seq=settings.batch_size, ctx_per_seq=ctx_per_seq, lora_path=sampler.adapter
+        )
         clock = EtaClock(len(runnable))
         yield clock.event("pairs", 0, unit="pairs")
         # Chunks are cut from the full plan, not from what is left, for the same reason.
@@ -201,17 +259,25 @@ def generate_pairs(ws: Workspace, settings: PairSettings) -> Generator[Progress 
         finished = 0
         try:
             for chunk in chunks.values():
-                rows, dropped = _run_chunk(engine, chunk, encoded, settings, model.sha256)
+                rows, dropped = _run_chunk(engine, chunk, encoded, settings, model.sha256, summary, sampler)
                 with ws.transaction() as conn:
                     for row in rows:
                         conn.execute(_INSERT_PAIR, row)
-                    for key, reason in dropped:
+                    for key, reason, row in dropped:
                         conn.execute(
-                            "INSERT OR REPLACE INTO pair_skips(pair_key, reason, created_at) VALUES (?, ?, ?)",
-                            (key, reason, time.time()),
+                            "INSERT OR REPLACE INTO pair_skips(pair_key, reason, created_at, min_pmi, pair_row)"
+                            " VALUES (?, ?, ?, ?, ?)",
+                            (
+                                key,
+                                reason,
+                                time.time(),
+                                settings.min_pmi if row else None,
+                                json.dumps(row) if row else None,
+                            ),
                         )
                 summary.generated += len(rows)
-                summary.dropped += len(dropped)
+                summary.dropped += sum(row is not None for _, _, row in dropped)
+                summary.dropped_degenerate += sum(row is None for _, _, row in dropped)
                 finished += len(chunk)
                 yield clock.event(
                     "pairs", finished, unit="pairs", kept=summary.generated, dropped=summary.dropped
@@ -240,101 +306,68 @@ def _negative_prompt_ids(cf, plan: PairPlan) -> list[int]:
 
 _INSERT_PAIR = """
 INSERT INTO pairs(pair_key, prompt_id, context_id, prompt, context, neg_context, neg_prompt, strategy, chosen,
-                  rejected, seed, settings, scores, pmi_margin, source, created_at)
+                  rejected, seed, settings, scores, pmi_margin, source, round, sampler, created_at)
 VALUES (:pair_key, :prompt_id, :context_id, :prompt, :context, :neg_context, :neg_prompt, :strategy, :chosen,
-        :rejected, :seed, :settings, :scores, :pmi_margin, 'generated', :created_at)
+        :rejected, :seed, :settings, :scores, :pmi_margin, 'generated', :round, :sampler, :created_at)
 """
 
 
-def _run_chunk(engine, chunk: list[PairPlan], encoded, settings: PairSettings, model_sha: str):
-    """Sample, score and select the pairs of one chunk. Returns (rows to insert, [(key, reason) dropped])."""
-    from .engine import GenRequest
+def _run_chunk(
+    engine,
+    chunk: list[PairPlan],
+    encoded,
+    settings: PairSettings,
+    model_sha: str,
+    stats=None,
+    sampler: Sampler | None = None,
+):
+    """Sample, score and select the pairs of one chunk (candidates.choose).
 
-    k = settings.candidates
-    requests = []
-    for plan in chunk:
-        # Only the positive is guided: a negative pushed away from c comes out as degenerate text (measured:
-        # repetitions in other scripts), and DPO would learn nothing from beating that.
-        guides = {"pos": encoded[plan.key]["score_neg"], "neg": None}
-        for side in ("pos", "neg"):
-            for j in range(k):
-                requests.append(
-                    GenRequest(
-                        encoded[plan.key][side],
-                        max_tokens=settings.max_tokens,
-                        temperature=settings.temperature,
-                        top_p=settings.top_p,
-                        seed=_stable_int(plan.key, side, j, settings.seed),
-                        id=(plan.key, side, j),
-                        guide_prompt=guides[side] if settings.guidance else None,
-                        guidance=settings.guidance,
-                    )
-                )
-    answers = {r.id: r for r in engine.generate(requests)}
-    candidates = {
-        p.key: [answers[(p.key, side, j)] for side in ("pos", "neg") for j in range(k)] for p in chunk
-    }
-    logp_c: dict[str, list[float]] = {}
-    logp_neg: dict[str, list[float]] = {}
-    if settings.score or k > 1:
-        # Every candidate scored under (c, x) and under (c', x) (no context for the other strategies), in one
-        # batched pass for the whole chunk.
-        items = [
-            (encoded[p.key][prompt], a.tokens)
-            for prompt in ("pos", "score_neg")
-            for p in chunk
-            for a in candidates[p.key]
-        ]
-        flat = iter(engine.score_many(items))
-        for table in (logp_c, logp_neg):
-            for p in chunk:
-                table[p.key] = [next(flat) for _ in range(2 * k)]
+    Returns (rows to insert, [(key, reason, row or None) dropped]); `stats` (a PairsSummary) counts the
+    degenerate positives passed over."""
+    items = [
+        candidates.Item(plan.key, encoded[plan.key]["pos"], encoded[plan.key]["neg"],
+                        encoded[plan.key]["score_neg"], plan.context, plan.prompt)
+        for plan in chunk
+    ]  # fmt: skip
+    choices = candidates.choose(engine, items, settings)
+    sampler_info = {"sampler_adapter_sha256": sampler.adapter_sha256} if sampler and sampler.run else {}
     rows, dropped = [], []
     for plan in chunk:
-        cands = candidates[plan.key]
-        scores = None
-        if plan.key in logp_c:
-            lp_c, lp_n = logp_c[plan.key], logp_neg[plan.key]
-            pmi = [a - b for a, b in zip(lp_c, lp_n, strict=True)]
-            best = int(np.argmax(pmi[:k]))
-            worst = k + int(np.argmin(pmi[k:]))
-            chosen, rejected = cands[best], cands[worst]
-            scores = {
-                "logp_chosen_c": lp_c[best],
-                "logp_chosen_cneg": lp_n[best],
-                "logp_rejected_c": lp_c[worst],
-                "logp_rejected_cneg": lp_n[worst],
-                "pmi_chosen": pmi[best],
-                "pmi_rejected": pmi[worst],
-                "chosen_tokens": len(chosen.tokens),
-                "rejected_tokens": len(rejected.tokens),
-            }
-        else:
-            chosen, rejected = cands[0], cands[k]
-        margin = None if scores is None else scores["pmi_chosen"] - scores["pmi_rejected"]
-        if settings.min_pmi is not None and margin is not None and margin < settings.min_pmi:
-            dropped.append((plan.key, f"pmi margin {margin:.3f} < {settings.min_pmi}"))
+        choice = choices[plan.key]
+        if stats is not None:
+            stats.degenerate += len(choice.degenerate)
+            stats.resampled += choice.attempts > 1
+        if choice.chosen is None:
+            kinds = ", ".join(sorted(set(choice.degenerate)))
+            dropped.append((plan.key, f"every positive was degenerate ({kinds})", None))
             continue
+        chosen, rejected, scores = choice.chosen, choice.rejected, choice.scores
+        margin = None if scores is None else scores["pmi_chosen"] - scores["pmi_rejected"]
         sampling = {k2: v for k2, v in asdict(settings).items() if k2 not in ("batch_size",)}
-        rows.append(
-            {
-                "pair_key": plan.key,
-                "prompt_id": plan.prompt_id,
-                "context_id": plan.context_id,
-                "prompt": plan.prompt,
-                "context": plan.context,
-                "neg_context": plan.neg_context,
-                "neg_prompt": plan.neg_prompt,
-                "strategy": plan.strategy,
-                "chosen": chosen.text.strip(),
-                "rejected": rejected.text.strip(),
-                "seed": plan.seed,
-                "settings": json.dumps({**sampling, "model_sha256": model_sha}),
-                "scores": json.dumps(scores) if scores else None,
-                "pmi_margin": margin,
-                "created_at": time.time(),
-            }
-        )
+        row = {
+            "pair_key": plan.key,
+            "prompt_id": plan.prompt_id,
+            "context_id": plan.context_id,
+            "prompt": plan.prompt,
+            "context": plan.context,
+            "neg_context": plan.neg_context,
+            "neg_prompt": plan.neg_prompt,
+            "strategy": plan.strategy,
+            "chosen": chosen.text.strip(),
+            "rejected": rejected.text.strip(),
+            "seed": plan.seed,
+            "settings": json.dumps({**sampling, "model_sha256": model_sha, **sampler_info}),
+            "scores": json.dumps(scores) if scores else None,
+            "pmi_margin": margin,
+            "round": sampler.round if sampler else 1,
+            "sampler": sampler.run if sampler else None,
+            "created_at": time.time(),
+        }
+        if settings.min_pmi is not None and margin is not None and margin < settings.min_pmi:
+            dropped.append((plan.key, f"{PMI_DROP} {margin:.3f} < {settings.min_pmi}", row))
+        else:
+            rows.append(row)
     return rows, dropped
 
 
@@ -354,7 +387,9 @@ def regenerate_pair(
 
     old = get_pair(ws, pair_id)
     if old.source != "generated":
-        raise UserInputError(f"Pair {pair_id} was imported; only generated pairs can be regenerated.")
+        what = "made by you" if old.source == "user" else "imported"
+        raise UserInputError(f"Pair {pair_id} was {what}; only generated pairs can be regenerated.")
+    sampler = rounds.sampler_for(ws, old.sampler)  # a later round's pair is sampled by its round's model
     known = {f.name for f in fields(PairSettings)}
     settings = PairSettings(**{k: v for k, v in old.settings.items() if k in known})
     seed = secrets.randbelow(2**31) if seed is None else seed
@@ -371,7 +406,7 @@ def regenerate_pair(
         old.neg_context,
         old.neg_prompt,
         old.strategy,
-        _stable_int(old.pair_key, "seed", seed),
+        candidates.stable_int(old.pair_key, "seed", seed),
     )
     with ws.job("pairs", f"mipo-local pairs regenerate {pair_id}"):
         yield Log("pairs", f"Regenerating pair {pair_id} with seed {seed}.")
@@ -382,8 +417,14 @@ def regenerate_pair(
             model.file,
             n_seq=2 * settings.candidates * (2 if settings.guidance else 1),
             ctx_per_seq=longest + settings.max_tokens + 2,
+            lora_path=sampler.adapter,
         ) as engine:
-            rows, _ = _run_chunk(engine, [plan], encoded, settings, model.sha256)
+            rows, _ = _run_chunk(engine, [plan], encoded, settings, model.sha256, sampler=sampler)
+        if not rows:
+            raise UserInputError(
+                f"Every answer sampled for pair {pair_id} with seed {seed} was degenerate (a loop or an "
+                "echo); try again for another seed."
+            )
         row = rows[0]
         with ws.transaction() as conn:
             updated = conn.execute(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,11 +17,12 @@ from pathlib import Path
 from .errors import UserInputError
 from .fsutil import atomic_write_text
 from .prompts_import import iter_jsonl, read_text_file
+from .validation import ANSWER_CHARS_MAX, CONTEXT_CHARS_MAX, ID_MAX, PROMPT_CHARS_MAX, check_text
 from .workspace import Workspace
 
 _FIELDS = (
     "pair_key", "prompt", "context", "neg_context", "neg_prompt", "strategy", "chosen", "rejected", "seed",
-    "settings", "scores", "pmi_margin", "source",
+    "settings", "scores", "pmi_margin", "source", "round", "sampler", "origin",
 )  # fmt: skip
 
 
@@ -40,6 +42,9 @@ class Pair:
     scores: dict | None
     pmi_margin: float | None
     source: str
+    round: int = 1
+    sampler: str | None = None  # the run whose model sampled the pair; None: the base model
+    origin: str | None = None
 
     @classmethod
     def from_row(cls, r) -> Pair:
@@ -47,11 +52,23 @@ class Pair:
             r["id"], r["pair_key"], r["prompt"], r["context"], r["neg_context"], r["neg_prompt"], r["strategy"],
             r["chosen"], r["rejected"], r["seed"], json.loads(r["settings"]),
             json.loads(r["scores"]) if r["scores"] else None, r["pmi_margin"], r["source"],
+            r["round"], r["sampler"], r["origin"],
         )  # fmt: skip
 
 
-def list_pairs(ws: Workspace) -> list[Pair]:
-    return [Pair.from_row(r) for r in ws.query("SELECT * FROM pairs ORDER BY id")]
+ALL = object()  # list_pairs(sampler=ALL): every pair, whoever sampled it
+
+
+def list_pairs(ws: Workspace, sampler=ALL) -> list[Pair]:
+    """The pairs, by id; `sampler`: only those one model sampled (None: the base model's and imported
+    ones, a run name: those of the round that run's model sampled)."""
+    if sampler is ALL:
+        rows = ws.query("SELECT * FROM pairs ORDER BY id")
+    elif sampler is None:
+        rows = ws.query("SELECT * FROM pairs WHERE sampler IS NULL ORDER BY id")
+    else:
+        rows = ws.query("SELECT * FROM pairs WHERE sampler = ? ORDER BY id", (sampler,))
+    return [Pair.from_row(r) for r in rows]
 
 
 def get_pair(ws: Workspace, pair_id: int) -> Pair:
@@ -121,19 +138,33 @@ def _texts(obj: dict, where: str) -> tuple[str, str, str, str]:
             raise UserInputError(f"{where} has no non-empty string field '{name}'.")
     if not isinstance(context, str):
         raise UserInputError(f"{where} has a 'system' field that is not a string.")
+    context = check_text(context, f"{where}: 'system'", CONTEXT_CHARS_MAX) if context.strip() else ""
+    prompt = check_text(prompt, f"{where}: 'prompt'", PROMPT_CHARS_MAX)
+    chosen = check_text(chosen, f"{where}: 'chosen'", ANSWER_CHARS_MAX)
+    rejected = check_text(rejected, f"{where}: 'rejected'", ANSWER_CHARS_MAX)
     return context, prompt, chosen, rejected
 
 
 def _meta(obj: dict, where: str) -> dict:
     meta = {} if obj.get("mipo") is None else obj["mipo"]
-    expected = {"seed": int, "settings": dict, "scores": dict, "pmi_margin": (int, float)}
-    expected.update({k: str for k in ("pair_key", "neg_context", "neg_prompt", "strategy", "source")})
+    expected = {"seed": int, "settings": dict, "scores": dict, "pmi_margin": (int, float), "round": int}
+    expected.update({k: str for k in ("pair_key", "neg_context", "neg_prompt", "strategy", "source", "sampler",
+                                      "origin")})  # fmt: skip
     if not isinstance(meta, dict):
         raise UserInputError(f"{where} has a 'mipo' field that is not an object.")
     for key, kind in expected.items():
         value = meta.get(key)
         if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
             raise UserInputError(f"{where} has a 'mipo.{key}' of the wrong type.")
+    if meta.get("round") is not None and not 1 <= meta["round"] <= 1000:
+        raise UserInputError(f"{where} has a 'mipo.round' outside 1..1000.")
+    if meta.get("seed") is not None and not 0 <= meta["seed"] <= ID_MAX:
+        raise UserInputError(f"{where} has a 'mipo.seed' outside 0..{ID_MAX}.")
+    if meta.get("pmi_margin") is not None and not math.isfinite(meta["pmi_margin"]):
+        raise UserInputError(f"{where} has a 'mipo.pmi_margin' that is not a finite number.")
+    for key in ("pair_key", "strategy", "source"):
+        if meta.get(key) is not None and (not meta[key].strip() or len(meta[key]) > 200):
+            raise UserInputError(f"{where} has an empty or over-long 'mipo.{key}'.")
     return meta
 
 
@@ -158,6 +189,10 @@ def _record_to_row(path: Path, number: int, obj) -> dict:
         "scores": json.dumps(meta["scores"]) if meta.get("scores") else None,
         "pmi_margin": meta.get("pmi_margin"),
         "source": meta.get("source") or "import",
+        "round": meta.get("round") or 1,
+        # An imported pair was sampled by some other workspace's model: it belongs to no round of this one.
+        "sampler": None,
+        "origin": meta.get("origin"),
         "created_at": time.time(),
     }
 

@@ -15,11 +15,14 @@ from dataclasses import dataclass, field
 
 from . import modelsource
 from .errors import UserInputError
+from .pairs_store import list_pairs
 from .progress import Log, Progress
 from .settings import EvalSettings, ExportSettings, PairSettings, TrainSettings
+from .validation import require_int
 from .workspace import Workspace
 
 STAGES = ("synth", "pairs", "train", "export", "eval")
+DEFAULT_ROUNDS = 1  # self-improvement rounds of pairs + training (rounds.py)
 
 
 @dataclass
@@ -38,16 +41,18 @@ def run_pipeline(
     train: TrainSettings | None = None,
     export: ExportSettings | None = None,
     evaluation: EvalSettings | None = None,
+    rounds: int = DEFAULT_ROUNDS,
 ) -> Generator[Progress | Log, None, PipelineResult]:
     from . import pairs as pairs_mod
     from .evaluate import evaluate
     from .synth import synthesize_prompts
     from .train import runs
-    from .train.loop import train as train_job
 
     # Checked before anything is written or printed, so a bad start leaves one error line and no trace.
     if n_prompts < 0:
         raise UserInputError(f"--prompts must be 0 or more, not {n_prompts}.")
+    require_int("--prompts", n_prompts, 0, 1000)
+    require_int("--rounds", rounds, 1, 5)
     if not ws.contexts():
         raise UserInputError(
             "There are no contexts yet: the pipeline needs to know who you are.",
@@ -60,7 +65,7 @@ def run_pipeline(
     pairs_check.validate(pairs or PairSettings())
     validate_eval(evaluation or EvalSettings())
     result = PipelineResult()
-    with ws.job("run", f"mipo-local run --prompts {n_prompts}"):
+    with ws.job("run", f"mipo-local run --prompts {n_prompts} --rounds {rounds}"):
         t = time.monotonic()
         missing = n_prompts - ws.count("prompts")
         if missing > 0:
@@ -70,28 +75,19 @@ def run_pipeline(
             yield Log("run", f"[1/5] {ws.count('prompts')} prompts: enough, nothing to synthesize.")
         result.seconds["synth"] = time.monotonic() - t
 
-        t = time.monotonic()
-        yield Log("run", "[2/5] Generating MIPO pairs.")
-        yield from pairs_mod.generate_pairs(ws, pairs or PairSettings())
-        result.seconds["pairs"] = time.monotonic() - t
-
-        t = time.monotonic()
-        latest = ws.query("SELECT name, status FROM runs ORDER BY id DESC LIMIT 1")
-        n_pairs = ws.count("pairs")
-        if latest and latest[0]["status"] in ("running", "cancelled", "created"):
-            yield Log("run", f"[3/5] Resuming the unfinished run '{latest[0]['name']}'.")
-            summary = yield from train_job(
-                ws, train or TrainSettings(), run_name=latest[0]["name"], resume=True
-            )
-            result.run = summary.run
-        elif latest and latest[0]["status"] == "finished" and _trained_on(ws, latest[0]["name"]) == n_pairs:
-            yield Log("run", f"[3/5] Run '{latest[0]['name']}' already trained on these {n_pairs} pairs.")
-            result.run = latest[0]["name"]
-        else:
-            yield Log("run", f"[3/5] Training on {n_pairs} pairs.")
-            summary = yield from train_job(ws, train or TrainSettings())
-            result.run = summary.run
-        result.seconds["train"] = time.monotonic() - t
+        t_pairs = t_train = 0.0
+        previous = None
+        for k in range(1, rounds + 1):
+            what = f" (round {k} of {rounds})" if rounds > 1 else ""
+            t = time.monotonic()
+            yield Log("run", f"[2/5] Generating MIPO pairs{what}.")
+            yield from pairs_mod.generate_pairs(ws, pairs or PairSettings(), from_run=previous)
+            t_pairs += time.monotonic() - t
+            t = time.monotonic()
+            previous = yield from _train_round(ws, train or TrainSettings(), previous, k, what)
+            t_train += time.monotonic() - t
+        result.run = previous
+        result.seconds["pairs"], result.seconds["train"] = t_pairs, t_train
 
         t = time.monotonic()
         run = runs.get_run(ws, result.run)
@@ -122,6 +118,51 @@ def run_pipeline(
             )
         result.seconds["eval"] = time.monotonic() - t
     return result
+
+
+def _train_round(ws: Workspace, settings: TrainSettings, previous: str | None, k: int, what: str):
+    """Train round `k` (on the pairs `previous`'s model sampled; the base model's for round 1), or resume or
+    reuse the run that already did; returns its name. Round k's run is named after round 1's: NAME-r{k}."""
+    from dataclasses import replace
+
+    from .train import runs
+    from .train.loop import train as train_job
+
+    if k == 1:
+        latest = ws.query(
+            "SELECT name, status FROM runs WHERE json_extract(settings, '$.from_run') IS NULL "
+            "ORDER BY id DESC LIMIT 1"
+        )
+        n_pairs = len(list_pairs(ws, sampler=None))
+        if latest and latest[0]["status"] in ("running", "cancelled", "created"):
+            yield Log("run", f"[3/5] Resuming the unfinished run '{latest[0]['name']}'{what}.")
+            summary = yield from train_job(ws, settings, run_name=latest[0]["name"], resume=True)
+            return summary.run
+        if latest and latest[0]["status"] == "finished" and _trained_on(ws, latest[0]["name"]) == n_pairs:
+            yield Log(
+                "run", f"[3/5] Run '{latest[0]['name']}' already trained on these {n_pairs} pairs{what}."
+            )
+            return latest[0]["name"]
+        yield Log("run", f"[3/5] Training on {n_pairs} pairs{what}.")
+        summary = yield from train_job(ws, replace(settings, from_run=None))
+        return summary.run
+    name = f"{_round_root(previous)}-r{k}"
+    run = runs.get_run(ws, name)
+    if run is not None and run.status == "finished":
+        yield Log("run", f"[3/5] Run '{name}' already trained round {k}.")
+        return name
+    if run is not None:
+        yield Log("run", f"[3/5] Resuming the unfinished run '{name}'{what}.")
+        summary = yield from train_job(ws, settings, run_name=name, resume=True)
+        return summary.run
+    yield Log("run", f"[3/5] Training round {k} on the pairs run '{previous}' sampled{what}.")
+    summary = yield from train_job(ws, replace(settings, from_run=previous), run_name=name)
+    return summary.run
+
+
+def _round_root(name: str) -> str:
+    base, sep, tail = name.rpartition("-r")
+    return base if sep and tail.isdigit() else name
 
 
 def _trained_on(ws: Workspace, run_name: str) -> int:

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from .errors import ExportError, UserInputError
-from .fsutil import PRIVATE_FILE, usable_cores
+from .fsutil import FULL_BELOW, PRIVATE_FILE, disk_full_error, free_bytes, usable_cores
 from .settings import QUANT_TYPES
 
 AUTO_THRESHOLD_PARAMS = 1_000_000_000
@@ -73,7 +73,13 @@ def quantize(
     target = Path(target)
     rc = llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), params)
     if rc != 0 or not target.is_file():
+        written = target.stat().st_size if target.is_file() else 0
         target.unlink(missing_ok=True)
+        # llama.cpp says only "code 1" when its write fails: a file system left with less room than the
+        # part it could not write is a full disk.
+        expected = Path(source).stat().st_size * BITS_PER_WEIGHT[quant] / 16
+        if free_bytes(target.parent) < max(FULL_BELOW, expected - written):
+            raise disk_full_error(target)
         raise ExportError(f"llama.cpp could not quantize {source} to {quant.upper()} (code {rc}).")
     os.chmod(target, PRIVATE_FILE)
     return target

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 NEGATIVE_STRATEGIES = ("random-context", "no-context", "random-prompt")
+ROUND_INITS = ("continue", "fresh")
+ROUND_REFS = ("base", "previous")
 QUANT_TYPES = ("auto", "f16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0")
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 
@@ -32,6 +34,7 @@ class PairSettings:
     # Context-contrastive sampling of the positive: y+ ~ p(y|c,x)[p(y|c,x)/p(y|c',x)]^g token by token, the
     # per-token form of MIPO's pointwise MI. 0 samples plainly, as the paper does; bench/README.md shows why 1.
     guidance: float = 1.0
+    repeat_penalty: float = 1.0  # llama.cpp's repetition penalty while sampling both answers (1: none)
     batch_size: int = 16  # sequences decoded together in one llama.cpp batch
 
 
@@ -71,6 +74,13 @@ class TrainSettings:
     threads: int | None = None  # None: torch / MLX defaults
     grad_checkpointing: bool = False
     precision: str = "auto"  # auto (bf16 where fast: CUDA, AVX512-BF16/AMX CPUs) | bf16 | fp32
+    # Self-improvement rounds (rounds.py): train on the pairs that run `from_run`'s model sampled. `round_init`:
+    # continue that run's LoRA or start a fresh one; `round_ref`: DPO's reference is the base model or that
+    # run's model. `round` is set by training itself: 1 + the round of `from_run`.
+    from_run: str | None = None
+    round_init: str = "continue"
+    round_ref: str = "base"
+    round: int = 1
 
 
 @dataclass
@@ -85,12 +95,31 @@ class ExportSettings:
 
 
 @dataclass
+class AnswerSettings:
+    """How an answer a person reads is sampled: `chat`, the app's Chat screen, `eval`'s answers, and the
+    exported Modelfile's PARAMETERs (same names in Ollama), so the answer in Ollama is the answer in the
+    app. The repetition penalty keeps a small model out of loops (bench/decoding.py measures it against
+    plain sampling and llama.cpp's DRY, which Ollama does not have)."""
+
+    temperature: float = 0.7
+    top_p: float = 0.9
+    top_k: int = 40
+    repeat_penalty: float = 1.1
+    repeat_last_n: int = 64
+    max_tokens: int = 512
+
+
+@dataclass
 class EvalSettings:
     n: int = 16  # held-out prompts
     seed: int = 0
     temperature: float = 0.1
     top_p: float = 0.9
     max_tokens: int = 192
+    # The chat's penalties (AnswerSettings): the answers compared are the kind a user gets.
+    repeat_penalty: float = AnswerSettings.repeat_penalty
+    repeat_last_n: int = AnswerSettings.repeat_last_n
+    top_k: int = AnswerSettings.top_k
 
 
 @dataclass

@@ -17,6 +17,7 @@ from .chat import chat_format
 from .errors import UserInputError
 from .progress import EtaClock, Log, Progress
 from .settings import SynthSettings, with_overrides
+from .validation import PROMPT_CHARS_MAX, check_text, require_seed
 from .workspace import Workspace, normalize_text
 
 TOPICS = (
@@ -55,6 +56,11 @@ def few_shot_text(context: str, topic: str) -> str:
     """The document the base model continues: the examples, then the user's note and a topic."""
     shots = "".join(f"Note: {n}\nTopic: {t}\nQuestion: {q}\n\n" for n, t, q in EXAMPLES)
     return f"{HEADER}{shots}Note: {context}\nTopic: {topic}\nQuestion:"
+
+
+def _few_shot_ids(cf, context: str, topic: str) -> list[int]:
+    """The few-shot document as plain text: no chat template, and the user's note is never markup."""
+    return cf.tokenizer.with_bos(cf.tokenizer.encode_text(few_shot_text(context, topic)))
 
 
 def _words(text: str) -> list[str]:
@@ -107,6 +113,7 @@ def synthesize_prompts(
         raise UserInputError(f"--n must be between {lo} and {hi}, not {n}.")
     if not 0.0 < temperature <= 2.0:
         raise UserInputError(f"The synthesis temperature must be in (0, 2], not {temperature}.")
+    require_seed("--seed", seed)
     contexts = ws.contexts()
     if not contexts:
         raise UserInputError(
@@ -116,7 +123,7 @@ def synthesize_prompts(
     model = modelsource.base_model(ws)
     cf = chat_format(str(model.file))
     n_ctx = gguf_io.read_info(model.file).context_length or 2048
-    encoded = {c.id: cf.tokenizer.encode_prompt(few_shot_text(c.text, TOPICS[0])) for c in contexts}
+    encoded = {c.id: _few_shot_ids(cf, c.text, TOPICS[0]) for c in contexts}
     usable = [c for c in contexts if len(encoded[c.id]) + MAX_TOKENS + 16 <= n_ctx]
     for c in contexts:
         if c not in usable:
@@ -136,7 +143,7 @@ def synthesize_prompts(
                 for _ in range(BATCH):
                     c = usable[attempt % len(usable)]
                     topic = TOPICS[(attempt // len(usable)) % len(TOPICS)]
-                    ids = cf.tokenizer.encode_prompt(few_shot_text(c.text, topic))
+                    ids = _few_shot_ids(cf, c.text, topic)
                     batch.append(
                         GenRequest(
                             ids,
@@ -153,6 +160,10 @@ def synthesize_prompts(
                 for result in sorted(engine.generate(batch), key=lambda r: r.id):
                     q = clean_candidate(result.text)
                     if q is None or q.casefold() in existing or copies_context(q, result.id[1]):
+                        continue
+                    try:  # what the workspace would refuse (a control character) is not a question
+                        check_text(q, "question", PROMPT_CHARS_MAX)
+                    except UserInputError:
                         continue
                     existing.add(q.casefold())
                     fresh.append(q)

@@ -19,6 +19,7 @@ import os
 import sqlite3
 import threading
 import time
+import urllib.parse
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -26,7 +27,15 @@ from pathlib import Path
 from typing import Any
 
 from .errors import JobBusyError, UserInputError, WorkspaceError
-from .fsutil import PRIVATE_FILE, pid_alive, private_dir
+from .fsutil import PRIVATE_FILE, pid_alive, private_dir, remove_stale_temps
+from .validation import (
+    CONTEXT_CHARS_MAX,
+    CONTEXT_TOKENS_MAX,
+    PROMPT_CHARS_MAX,
+    PROMPT_TOKENS_MAX,
+    check_label,
+    check_text,
+)
 
 DB_NAME = "mipo.db"
 
@@ -128,8 +137,26 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (pair_id, model_sha256, source, max_len)
     );
     """,
+    # 3: a pair dropped by the PMI filter keeps the threshold that dropped it and its text, so a rerun with a
+    #    lower threshold (or none) restores it instead of calling it done.
+    """
+    ALTER TABLE pair_skips ADD COLUMN min_pmi REAL;
+    ALTER TABLE pair_skips ADD COLUMN pair_row TEXT;
+    """,
+    # 4: provenance of every pair. `round`: the self-improvement round it belongs to; `sampler`: the run
+    #    whose model (base + that run's LoRA) sampled it, NULL for the base model; `origin`: for pairs the
+    #    user made (source = 'user'), where: review | chat | ab.
+    """
+    ALTER TABLE pairs ADD COLUMN round INTEGER NOT NULL DEFAULT 1;
+    ALTER TABLE pairs ADD COLUMN sampler TEXT;
+    ALTER TABLE pairs ADD COLUMN origin TEXT;
+    CREATE INDEX pairs_sampler ON pairs(sampler);
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
+
+
+_ABOUT_YOU = "write a few words about yourself"
 
 
 def default_workspace_dir() -> Path:
@@ -139,13 +166,27 @@ def default_workspace_dir() -> Path:
 
 
 def resolve_workspace_dir(explicit: str | os.PathLike | None = None) -> Path:
-    """The one place that decides where the workspace lives: --workspace > MIPO_LOCAL_HOME > XDG."""
+    """The one place that decides where the workspace lives: --workspace > MIPO_LOCAL_HOME > XDG.
+
+    Raises:
+        WorkspaceError: the place is a regular file, or lies under one.
+    """
     if explicit:
-        return Path(explicit).expanduser().resolve()
-    env = os.environ.get("MIPO_LOCAL_HOME")
-    if env:
-        return Path(env).expanduser().resolve()
-    return default_workspace_dir()
+        path, where = Path(explicit).expanduser().resolve(), "--workspace"
+    elif os.environ.get("MIPO_LOCAL_HOME"):
+        path, where = Path(os.environ["MIPO_LOCAL_HOME"]).expanduser().resolve(), "MIPO_LOCAL_HOME"
+    else:
+        path, where = default_workspace_dir(), "The default workspace"
+    for probe in (path, *path.parents):
+        if probe.exists():
+            if not probe.is_dir():
+                what = "is a file" if probe == path else f"lies under {probe}, which is a file"
+                raise WorkspaceError(
+                    f"{where} {path} {what}, not a folder.",
+                    hint="Point --workspace (or MIPO_LOCAL_HOME) at a folder.",
+                )
+            break
+    return path
 
 
 @dataclass
@@ -176,9 +217,12 @@ def normalize_text(text: str) -> str:
 class Workspace:
     """A workspace directory and its database. Safe to use from several threads and processes."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, *, read_only: bool = False):
         self.root = Path(root)
         self.db_path = self.root / DB_NAME
+        # A workspace on a read-only file system (or an immutable folder) opens for reading only: listing
+        # and showing work, and anything that would write says why it cannot.
+        self.read_only = read_only
         self._local = threading.local()
 
     # -- opening -------------------------------------------------------------------------------
@@ -195,22 +239,38 @@ class Workspace:
                 raise WorkspaceError(
                     f"No workspace at {path}.", hint="Run `mipo-local init` first (or pass --workspace DIR)."
                 )
-            private_dir(path)
-        ws = cls(path)
+            try:
+                private_dir(path)
+            except OSError as err:
+                raise WorkspaceError(
+                    f"Cannot create the workspace {path}: {err.strerror or err}.",
+                    hint="Choose a folder you can write to with --workspace (or MIPO_LOCAL_HOME).",
+                ) from err
+        ws = cls(path, read_only=not _writable(path))
         ws._migrate()
-        for sub in ("models", "runs", "exports", "evals"):
-            private_dir(path / sub)
+        if not ws.read_only:
+            for sub in ("models", "runs", "exports", "evals"):
+                private_dir(path / sub)
         return ws
 
     def _connect(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
         if conn is None:
             new_file = not self.db_path.exists()
+            if self.read_only:
+                # immutable: nothing can change the file here, and SQLite must not try to create its
+                # WAL index beside it.
+                uri = f"file:{urllib.parse.quote(str(self.db_path))}?mode=ro&immutable=1"
+                conn = sqlite3.connect(uri, uri=True, isolation_level=None)
+                conn.row_factory = sqlite3.Row
+                self._local.conn = conn
+                return conn
             # A long busy timeout: a second process waits for a writer instead of seeing "database is locked".
             conn = sqlite3.connect(self.db_path, timeout=60.0, isolation_level=None)
             conn.row_factory = sqlite3.Row
             conn.execute("PRAGMA busy_timeout = 60000")
-            conn.execute("PRAGMA journal_mode = WAL")
+            if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":  # set once, not on every open
+                conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA foreign_keys = ON")
             conn.execute("PRAGMA synchronous = NORMAL")
             if new_file:
@@ -227,12 +287,19 @@ class Workspace:
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
         """One IMMEDIATE transaction: all of it lands, or none of it."""
+        if self.read_only:
+            raise WorkspaceError(
+                f"The workspace {self.root} is read-only (a read-only file system or folder), so this "
+                "command cannot change it.",
+                hint="Commands that only show things still work; copy the workspace somewhere writable to change it.",
+            )
         conn = self._connect()
         conn.execute("BEGIN IMMEDIATE")
         try:
             yield conn
         except BaseException:
-            conn.execute("ROLLBACK")
+            if conn.in_transaction:  # SQLite has already rolled back after some errors (a full disk)
+                conn.execute("ROLLBACK")
             raise
         else:
             conn.execute("COMMIT")
@@ -241,13 +308,17 @@ class Workspace:
         return self._connect().execute(sql, params).fetchall()
 
     def _migrate(self) -> None:
+        """Bring the schema up to date. A current workspace is only read: opening it writes nothing."""
+        version = self._connect().execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise WorkspaceError(
+                f"The workspace {self.root} was written by a newer mipo-local (schema {version}).",
+                hint="Upgrade mipo-local to open it.",
+            )
+        if version == SCHEMA_VERSION:
+            return
         with self.transaction() as conn:
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise WorkspaceError(
-                    f"The workspace {self.root} was written by a newer mipo-local (schema {version}).",
-                    hint="Upgrade mipo-local to open it.",
-                )
+            version = conn.execute("PRAGMA user_version").fetchone()[0]  # another process may have migrated
             # executescript() would commit mid-transaction, so statements run one by one.
             for step in range(version, SCHEMA_VERSION):
                 for statement in _split_sql(MIGRATIONS[step]):
@@ -274,9 +345,10 @@ class Workspace:
     # -- contexts ------------------------------------------------------------------------------
 
     def add_context(self, text: str, label: str | None = None) -> Context:
-        text = normalize_text(text)
-        if not text:
-            raise UserInputError("The context is empty: write a few words about yourself.")
+        text = self._checked_texts([text], "The context", CONTEXT_CHARS_MAX, CONTEXT_TOKENS_MAX, _ABOUT_YOU)[
+            0
+        ]
+        label = check_label(label)
         now = _now()
         with self.transaction() as conn:
             cur = conn.execute(
@@ -286,15 +358,44 @@ class Workspace:
         return Context(cur.lastrowid, text, label, now)
 
     def update_context(self, context_id: int, text: str) -> None:
-        text = normalize_text(text)
-        if not text:
-            raise UserInputError("The context is empty: write a few words about yourself.")
+        text = self._checked_texts([text], "The context", CONTEXT_CHARS_MAX, CONTEXT_TOKENS_MAX, _ABOUT_YOU)[
+            0
+        ]
         with self.transaction() as conn:
             cur = conn.execute(
                 "UPDATE contexts SET text = ?, updated_at = ? WHERE id = ?", (text, _now(), context_id)
             )
             if cur.rowcount == 0:
                 raise UserInputError(f"There is no context with id {context_id}.")
+
+    def _checked_texts(
+        self, texts: list[str], what: str, max_chars: int, max_tokens: int, empty_hint: str
+    ) -> list[str]:
+        """The texts as stored, each checked (validation.check_text), then counted in tokens of the base
+        model when the workspace has one: a text the model cannot read in one go is refused here, not
+        tokenized again and skipped on every `pairs` run."""
+        where = (lambda i: f" (item {i + 1})") if len(texts) > 1 else (lambda i: "")
+        cleaned = [check_text(t, what, max_chars, empty_hint, where(i)) for i, t in enumerate(texts)]
+        tokenizer = self._tokenizer()
+        if tokenizer is not None:
+            for i, text in enumerate(cleaned):
+                n = len(tokenizer.encode_text(text))
+                if n > max_tokens:
+                    raise UserInputError(
+                        f"{what}{where(i)} is {n:,} tokens long; the limit is {max_tokens:,} tokens of the base model."
+                    )
+        return cleaned
+
+    def _tokenizer(self):
+        """The base model's tokenizer, or None before `init` has set a base model."""
+        from . import modelsource  # modelsource builds on the workspace, not the other way round
+        from .chat import chat_format
+        from .errors import MipoError
+
+        try:
+            return chat_format(str(modelsource.base_model(self).file)).tokenizer
+        except MipoError:
+            return None
 
     def contexts(self) -> list[Context]:
         return [
@@ -311,11 +412,9 @@ class Workspace:
 
     def add_prompts(self, texts: list[str], source: str = "user") -> tuple[list[Prompt], list[str]]:
         """Add prompts in one transaction. Returns (added, duplicates); empty texts are an error."""
-        cleaned = [normalize_text(t) for t in texts]
-        for i, text in enumerate(cleaned):
-            if not text:
-                where = f" (item {i + 1})" if len(cleaned) > 1 else ""
-                raise UserInputError(f"The prompt is empty{where}: write the question you would ask.")
+        cleaned = self._checked_texts(
+            texts, "The prompt", PROMPT_CHARS_MAX, PROMPT_TOKENS_MAX, "write the question you would ask"
+        )
         added: list[Prompt] = []
         duplicates: list[str] = []
         now = _now()
@@ -341,9 +440,23 @@ class Workspace:
         ]
 
     def remove_prompt(self, prompt_id: int) -> None:
+        self.remove_prompts([prompt_id])
+
+    def remove_prompts(self, ids: list[int], ranges: list[tuple[int, int]] = ()) -> int:
+        """Delete prompts in one transaction: each of `ids` must exist; ranges take what exists in them.
+        Returns how many were deleted. Pairs made from them keep their copy of the text."""
         with self.transaction() as conn:
-            if conn.execute("DELETE FROM prompts WHERE id = ?", (prompt_id,)).rowcount == 0:
-                raise UserInputError(f"There is no prompt with id {prompt_id}.")
+            missing = [
+                i for i in ids if conn.execute("SELECT 1 FROM prompts WHERE id = ?", (i,)).fetchone() is None
+            ]
+            if missing:
+                raise UserInputError(f"There is no prompt with id {missing[0]}.")
+            n = sum(
+                conn.execute("DELETE FROM prompts WHERE id = ?", (i,)).rowcount for i in dict.fromkeys(ids)
+            )
+            for first, last in ranges:
+                n += conn.execute("DELETE FROM prompts WHERE id BETWEEN ? AND ?", (first, last)).rowcount
+        return n
 
     # -- counts and status ---------------------------------------------------------------------
 
@@ -374,15 +487,43 @@ class Workspace:
                 "INSERT OR REPLACE INTO jobs(kind, pid, host, description, started_at) VALUES (?, ?, ?, ?, ?)",
                 (kind, os.getpid(), host, description, _now()),
             )
+        self._sweep_scratch_dirs()
         try:
             yield
         finally:
             with self.transaction() as conn:
                 conn.execute("DELETE FROM jobs WHERE kind = ? AND pid = ?", (kind, os.getpid()))
 
+    # -- temp folders outside the workspace --------------------------------------------------------
+
+    SCRATCH_KEY = "scratch_dirs"
+
+    def remember_scratch_dir(self, folder: Path) -> None:
+        """Note a folder outside the workspace where a job writes temp files (`export --out DIR`), so
+        what a killed job left there is removed when the next job of any kind starts."""
+        folder = str(Path(folder).resolve())
+        known = self.get_config(self.SCRATCH_KEY, [])
+        if folder not in known:
+            self.set_config(self.SCRATCH_KEY, [*known, folder])
+
+    def _sweep_scratch_dirs(self) -> None:
+        known = self.get_config(self.SCRATCH_KEY, [])
+        for folder in known:
+            remove_stale_temps(Path(folder))
+        alive = [f for f in known if Path(f).is_dir()]
+        if alive != known:
+            self.set_config(self.SCRATCH_KEY, alive)
+
     def running_jobs(self) -> list[dict]:
         host = os.uname().nodename
         return [dict(r) for r in self.query("SELECT * FROM jobs") if _pid_alive(r["pid"], r["host"], host)]
+
+
+def _writable(path: Path) -> bool:
+    """Whether the workspace folder and its database can be written (False on a read-only file system or
+    an immutable folder, where even root may not write)."""
+    db = path / DB_NAME
+    return os.access(path, os.W_OK) and (not db.exists() or os.access(db, os.W_OK))
 
 
 def _pid_alive(pid: int, lock_host: str, this_host: str) -> bool:

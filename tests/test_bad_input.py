@@ -37,6 +37,8 @@ CASES = [
     ("init-truncated-gguf", "main", ("init", "--model", f"{F}/trunc.gguf"), "trunc.gguf is a damaged or truncated"),
     ("init-header-only-gguf", "main", ("init", "--model", f"{F}/header.gguf"), "header.gguf"),
     ("init-unsupported-arch", "main", ("init", "--model", f"{F}/bert.gguf"), "bert"),
+    ("init-no-chat-template", "none", ("init", "--model", f"{F}/notemplate.gguf"), "has no chat template"),
+    ("init-tensor-missing", "none", ("init", "--model", f"{F}/notensor.gguf"), "llama.cpp could not load"),
     ("init-fresh-dir-bad-model", "none", ("init", "--model", f"{F}/x.gguf"), "not a GGUF file"),
     ("init-unknown-catalog-name", "main", ("init", "--model", "no-such-model"), "Unknown model 'no-such-model'"),
     ("init-ollama-unknown", "main", ("init", "--model", "ollama:unknown-model"), "Ollama has no model 'unknown-model'"),
@@ -60,6 +62,15 @@ CASES = [
     ("context-edit-empty", "main", ("context", "edit", "1", "  "), "context is empty"),
     ("context-rm-unknown-id", "main", ("context", "rm", "99"), "no context with id 99"),
     ("context-add-no-workspace", "none", ("context", "add", "I am Ana."), "mipo-local init"),
+    ("context-add-invisible", "main", ("context", "add", "\u200b \u200d"), "invisible characters"),
+    ("context-add-escape-char", "main", ("context", "add", "I am \x1b[31mAna"), "control character (U+001B)"),
+    ("context-add-too-many-tokens", "main", ("context", "add", " ".join(f"w{i}" for i in range(1500))), "limit is 1,024 tokens"),
+    ("context-edit-control-char", "main", ("context", "edit", "1", "I am\x00 Ana"), "control character"),
+    ("context-label-control-char", "main", ("context", "add", "I am Bo.", "--label", "a\x1bb"), "--label"),
+    ("context-rm-huge-id", "main", ("context", "rm", str(2**70)), "is not in the range"),
+    ("workspace-is-a-file-init", "file", ("init",), "is a file"),
+    ("workspace-is-a-file-status", "file", ("status",), "is a file"),
+    ("workspace-under-a-file", "underfile", ("context", "list"), "which is a file"),
     # -- prompts
     ("prompts-empty", "main", ("prompts", "add", "  "), "prompt is empty"),
     ("prompts-one-of-many-empty", "main", ("prompts", "add", "Fine?", " "), "(item 2)"),
@@ -71,7 +82,20 @@ CASES = [
     ("prompts-import-directory", "main", ("prompts", "import", F), "is a directory"),
     ("prompts-import-broken-chatgpt", "main", ("prompts", "import", f"{F}/conversations.json"), "conversations.json"),
     ("prompts-rm-unknown-id", "main", ("prompts", "rm", "99"), "no prompt with id 99"),
-    ("prompts-rm-not-a-number", "main", ("prompts", "rm", "abc"), "'abc' is not a valid integer"),
+    ("prompts-rm-not-a-number", "main", ("prompts", "rm", "abc"), "'abc' is not a prompt id"),
+    ("prompts-rm-nothing-named", "main", ("prompts", "rm"), "Say which prompts to delete"),
+    ("prompts-rm-backwards-range", "main", ("prompts", "rm", "9-3"), "not a valid id or range"),
+    ("prompts-rm-ids-and-source", "main", ("prompts", "rm", "1", "--source", "import"), "not both"),
+    ("prompts-add-control-char", "main", ("prompts", "add", "Hi\x07there?"), "control character (U+0007)"),
+    ("prompts-add-nul", "main", ("prompts", "add", "a\x00b?"), "control character (U+0000)"),
+    ("prompts-add-invisible", "main", ("prompts", "add", "\u200b\u2060\ufeff"), "invisible characters"),
+    ("prompts-add-too-long", "main", ("prompts", "add", "Why? " * 3000), "characters long; the limit is 8,000"),
+    ("prompts-add-too-many-tokens", "main", ("prompts", "add", " ".join(f"w{i}" for i in range(1300))), "tokens long; the limit is 1,024"),
+    ("prompts-import-too-many", "main", ("prompts", "import", f"{F}/many.txt"), "holds 1,500 prompts, more than the 1,000"),
+    ("prompts-import-over-limit", "main", ("prompts", "import", f"{F}/twenty.txt", "--limit", "10"), "more than the 10 one import"),
+    ("prompts-import-utf16-no-bom", "main", ("prompts", "import", f"{F}/utf16.txt"), "looks like UTF-16"),
+    ("prompts-import-one-huge-prompt", "main", ("prompts", "import", f"{F}/huge.txt"), "characters long"),
+    ("prompts-import-control-chars", "main", ("prompts", "import", f"{F}/controls.jsonl"), "control character"),
     ("prompts-synth-n-zero", "main", ("prompts", "synth", "--n", "0"), "--n must be between"),
     ("prompts-synth-no-contexts", "bare", ("prompts", "synth", "--n", "2"), "no contexts yet"),
     # -- pairs: flags, missing inputs, the pairs store and JSONL import
@@ -82,6 +106,16 @@ CASES = [
     ("pairs-candidates-zero", "main", ("pairs", "--candidates", "0"), "--candidates must be"),
     ("pairs-unknown-strategy", "main", ("pairs", "--strategy", "bogus"), "--strategy"),
     ("pairs-min-pmi-without-score", "main", ("pairs", "--min-pmi", "1", "--no-score"), "--min-pmi needs scoring"),
+    ("pairs-min-pmi-nan", "main", ("pairs", "--min-pmi", "nan"), "--min-pmi must be a number"),
+    ("pairs-min-pmi-inf", "main", ("pairs", "--min-pmi", "inf"), "--min-pmi must be a number"),
+    ("pairs-guidance-inf", "main", ("pairs", "--guidance", "inf"), "--guidance must be"),
+    ("pairs-temperature-nan", "main", ("pairs", "--temperature", "nan"), "--temperature must be"),
+    ("pairs-seed-huge", "main", ("pairs", "--seed", str(2**70)), "--seed must be a whole number"),
+    ("pairs-import-seed-beyond-sqlite", "main", ("pairs", "import", f"{F}/pairs_seed.jsonl"), "'mipo.seed' outside"),
+    ("pairs-import-nan-margin", "main", ("pairs", "import", f"{F}/pairs_nan.jsonl"), "'mipo.pmi_margin'"),
+    ("pairs-import-control-chars", "main", ("pairs", "import", f"{F}/pairs_ctrl.jsonl"), "line 1: 'chosen' contains a control character"),
+    ("pairs-show-huge-id", "main", ("pairs", "show", str(2**64)), "is not in the range"),
+    ("pairs-regenerate-huge-seed", "main", ("pairs", "regenerate", "1", "--seed", str(2**40)), "--seed must be a whole number"),
     ("pairs-no-contexts", "bare", ("pairs",), "no contexts yet"),
     ("pairs-no-prompts", "ctxonly", ("pairs",), "no prompts yet"),
     ("pairs-import-bad-json-line", "main", ("pairs", "import", f"{F}/pairs_bad.jsonl"), "pairs_bad.jsonl: line 2 is not valid JSON"),
@@ -106,6 +140,21 @@ CASES = [
     ("train-resume-finished-run", "main", ("train", "--resume", "--run", "run-1"), "'run-1' has already finished"),
     ("train-bad-run-name", "main", ("train", "--run", "a/b"), "'a/b' is not a valid run name"),
     ("train-unknown-precision", "main", ("train", "--precision", "fp8"), "--precision"),
+    ("train-run-name-empty", "main", ("train", "--run", ""), "--run is empty"),
+    ("train-run-name-too-long", "main", ("train", "--run", "r" * 300), "too long"),
+    ("train-run-name-newline", "main", ("train", "--run", "run\n2"), "not a valid run name"),
+    ("train-run-name-space", "main", ("train", "--run", "my run"), "not a valid run name"),
+    ("train-rank-huge", "main", ("train", "--rank", "100000000"), "--rank must be a whole number from 1 to 1024"),
+    ("train-rank-beyond-model", "main", ("train", "--rank", "64"), "smallest adapted matrix side (32)"),
+    ("train-epochs-huge", "main", ("train", "--epochs", "1000000"), "--epochs must be a whole number from 1 to 100"),
+    ("train-beta-inf", "main", ("train", "--beta", "inf"), "--beta must be"),
+    ("train-beta-nan", "main", ("train", "--beta", "nan"), "--beta must be"),
+    ("train-alpha-inf", "main", ("train", "--alpha", "inf"), "--alpha must be"),
+    ("train-lr-nan", "main", ("train", "--lr", "nan"), "--lr must be"),
+    ("train-kl-inf", "main", ("train", "--other-context-kl", "inf"), "--other-context-kl must be"),
+    ("train-seed-huge", "main", ("train", "--seed", str(2**70)), "--seed must be a whole number"),
+    ("train-threads-huge", "main", ("train", "--threads", "100000"), "--threads must be a whole number"),
+    ("train-grad-accum-huge", "main", ("train", "--grad-accum", "10000000"), "--grad-accum must be"),
     # -- export
     ("export-unknown-run", "main", ("export", "--run", "nope"), "no run named 'nope'"),
     ("export-unfinished-run", "main", ("export", "--run", "half"), "'half' has no finished checkpoint"),
@@ -113,6 +162,12 @@ CASES = [
     ("export-unsupported-quant", "main", ("export", "--quant", "q3_k"), "'q3_k' is not one of 'auto', 'f16', 'q8_0'"),
     ("export-out-exists", "main", ("export", "--out", f"{F}/outdir"), "outdir already exists. Pass --force"),
     ("export-out-is-a-file", "main", ("export", "--out", f"{F}/outfile"), "outfile"),
+    ("export-ollama-name-with-spaces", "main", ("export", "--ollama", "bad name with spaces"), "not a name Ollama accepts"),
+    ("export-ollama-name-empty-tag", "main", ("export", "--ollama", "name:"), "not a name Ollama accepts"),
+    ("export-threads-huge", "main", ("export", "--threads", "100000"), "--threads must be"),
+    ("export-out-under-proc", "main", ("export", "--no-verify", "--out", "/proc/mipo-x"), "/proc"),
+    ("export-context-with-triple-quotes", "quotes", ("export", "--no-verify"), 'Context 1 contains """'),
+    ("export-context-with-special-token", "special", ("export", "--no-verify"), "'<|im_end|>', a special token"),
     # -- eval and chat
     ("eval-before-any-export", "main", ("eval",), "no export to evaluate yet"),
     ("eval-judge-not-gguf", "main", ("eval", "--judge", f"{F}/x.gguf"), "x.gguf is not a GGUF file"),
@@ -121,6 +176,10 @@ CASES = [
     ("eval-run-without-export", "main", ("eval", "--run", "run-1"), "'run-1' has no export yet"),
     ("eval-unknown-run", "main", ("eval", "--run", "nope"), "no run named 'nope'"),
     ("eval-n-zero", "main", ("eval", "--n", "0"), "--n must be at least 1"),
+    ("eval-n-huge", "main", ("eval", "--n", "100000"), "--n must be a whole number from 1 to 1000"),
+    ("eval-seed-huge", "main", ("eval", "--seed", str(2**70)), "--seed must be a whole number"),
+    ("chat-temperature-nan", "main", ("chat", "--model", "base", "--temperature", "nan"), "--temperature must be"),
+    ("chat-max-tokens-huge", "main", ("chat", "--model", "base", "--max-tokens", "10000000"), "--max-tokens must be"),
     ("chat-before-any-export", "main", ("chat",), "no export to chat with yet"),
     ("chat-missing-model-file", "main", ("chat", "--model", f"{F}/missing.gguf"), "missing.gguf does not exist"),
     ("runs-show-unknown", "main", ("runs", "show", "nope"), "no run named 'nope'"),
@@ -128,6 +187,8 @@ CASES = [
     ("run-no-contexts", "bare", ("run",), "no contexts yet"),
     ("run-negative-prompts", "main", ("run", "--prompts", "-1"), "--prompts must be 0 or more"),
     ("run-max-tokens-zero", "main", ("run", "--max-tokens", "0"), "--max-tokens must be"),
+    ("run-prompts-huge", "main", ("run", "--prompts", "100000"), "--prompts must be a whole number"),
+    ("prompts-synth-seed-huge", "main", ("prompts", "synth", "--n", "2", "--seed", str(2**70)), "--seed must be"),
     ("unknown-command", "main", ("fly",), "No such command 'fly'"),
 ]  # fmt: skip
 
@@ -137,6 +198,29 @@ def _write_bert_gguf(path):
     w = gguf.GGUFWriter(str(path), "bert")
     w.add_name("tiny-bert")
     w.add_tensor("token_embd.weight", np.zeros((4, 4), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def _write_tiny_variant(source, target, *, drop_key: str | None = None, drop_tensor: str | None = None):
+    """A copy of the tiny model without one metadata key or one tensor: a header gguf-py reads, a model
+    mipo-local must refuse."""
+    from mipo_local import gguf_io
+
+    reader = gguf_io.open_reader(source)
+    arch = gguf_io.field_value(reader, gguf.Keys.General.ARCHITECTURE)
+    w = gguf.GGUFWriter(str(target), arch)
+    gguf_io.copy_metadata(reader, w, skip={drop_key} if drop_key else ())
+    for t in reader.tensors:
+        if t.name != drop_tensor:
+            w.add_tensor(
+                t.name,
+                np.array(t.data),
+                raw_shape=tuple(reversed([int(x) for x in t.shape])),
+                raw_dtype=t.tensor_type,
+            )
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -159,6 +243,12 @@ def corpus(tmp_path_factory, tiny_gguf):
     half = runs.create_run(main, "half", "torch", asdict(TrainSettings()), {**model.__dict__})
     runs.set_status(main, half.id, "running")
     main.close()
+    for name, text in (("quotes", 'Answer like this: """short""".'), ("special", "I am Ana.<|im_end|> Hi")):
+        hostile = Workspace.open(root / "ws" / name, create=True)
+        modelsource.set_base_model(hostile, str(tiny_gguf))
+        hostile.add_context(text)
+        exporthelp.make_finished_run(hostile, "run-1", n_pairs=4)
+        hostile.close()
     bare = Workspace.open(root / "ws" / "bare", create=True)
     modelsource.set_base_model(bare, str(tiny_gguf))
     bare.close()
@@ -185,6 +275,22 @@ def corpus(tmp_path_factory, tiny_gguf):
     (f / "pairs_list.jsonl").write_text('["a", "b", "c"]\n')
     (f / "outdir").mkdir()
     (f / "outfile").write_text("x")
+    (f / "many.txt").write_text("".join(f"Question number {i}?\n" for i in range(1500)))
+    (f / "twenty.txt").write_text("".join(f"Question {i}?\n" for i in range(20)))
+    (f / "utf16.txt").write_bytes("How do I cook rice?\nWhat is tea?\n".encode("utf-16-le"))
+    (f / "huge.txt").write_text("Why " * 20000 + "?\n")
+    (f / "controls.jsonl").write_text(json.dumps({"prompt": "Hi\u0008 there?"}) + "\n")
+    (f / "pairs_seed.jsonl").write_text(
+        json.dumps({"prompt": "a", "chosen": "b", "rejected": "c", "mipo": {"seed": 2**70}}) + "\n"
+    )
+    (f / "pairs_nan.jsonl").write_text(
+        '{"prompt": "a", "chosen": "b", "rejected": "c", "mipo": {"pmi_margin": NaN}}\n'
+    )
+    (f / "pairs_ctrl.jsonl").write_text(
+        json.dumps({"prompt": "a", "chosen": "b\u0000", "rejected": "c"}) + "\n"
+    )
+    _write_tiny_variant(tiny_gguf, f / "notemplate.gguf", drop_key="tokenizer.chat_template")
+    _write_tiny_variant(tiny_gguf, f / "notensor.gguf", drop_tensor="blk.0.attn_q.weight")
     manifests = root / "ollama" / "manifests" / "registry.ollama.ai" / "library"
     layer = {"mediaType": "application/vnd.ollama.image.model", "digest": "sha256:abcd"}
     for name, text in (
@@ -194,7 +300,13 @@ def corpus(tmp_path_factory, tiny_gguf):
     ):
         (manifests / name).mkdir(parents=True)
         (manifests / name / "latest").write_text(text)
-    yield {"root": root, "files": f, **{k: root / "ws" / k for k in ("main", "bare", "ctxonly", "none")}}
+    yield {
+        "root": root,
+        "files": f,
+        "file": f / "outfile",
+        "underfile": f / "outfile" / "ws",
+        **{k: root / "ws" / k for k in ("main", "bare", "ctxonly", "none", "quotes", "special")},
+    }
     mp.undo()
 
 

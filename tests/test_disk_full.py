@@ -74,8 +74,10 @@ def test_full_disk_under_the_workspace_database_and_files(small_disk, tiny_gguf,
     big.write_text("".join(json.dumps({"prompt": f"Question {i}? " + "x" * 400}) + "\n" for i in range(8000)))
     _fill(point)
     before = checksum(ws_dir)
-    _one_line_error(run_cli("prompts", "import", str(big)), "Free some disk space")
-    _one_line_error(run_cli("context", "add", "I also like jazz. " * 2000), "Free some disk space")
+    _one_line_error(run_cli("prompts", "import", str(big), "--limit", "8000"), "Free some disk space")
+    _one_line_error(
+        run_cli("context", "add", "I also like jazz and long walks. " * 30), "Free some disk space"
+    )
     assert checksum(ws_dir) == before
     (point / "filler").unlink()  # space again: nothing was lost, and the same command now works
     ws = Workspace.open(ws_dir)

@@ -7,56 +7,7 @@ import pytest
 from mipo_local import catalog, gotemplate, ollama
 from mipo_local.chat import ChatTemplate, chat_format
 from mipo_local.errors import ExportError
-
-# -- test templates written like the models' own (Meta Llama 3, Qwen2.5 ChatML with a default system) ------
-
-LLAMA3 = (
-    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' "
-    "+ message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
-    "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
-    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
-)
-
-# Llama 3.2: a system turn is always written, opening with a knowledge-cutoff/date preamble.
-LLAMA32 = """{{- bos_token }}
-{%- if not date_string is defined %}{%- set date_string = "26 Jul 2024" %}{%- endif %}
-{%- if messages[0]['role'] == 'system' %}
-    {%- set system_message = messages[0]['content']|trim %}
-    {%- set messages = messages[1:] %}
-{%- else %}
-    {%- set system_message = "" %}
-{%- endif %}
-{{- "<|start_header_id|>system<|end_header_id|>\\n\\n" }}
-{{- "Cutting Knowledge Date: December 2023\\n" }}
-{{- "Today Date: " + date_string + "\\n\\n" }}
-{{- system_message }}
-{{- "<|eot_id|>" }}
-{%- for message in messages %}
-    {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'+ message['content'] | trim + '<|eot_id|>' }}
-{%- endfor %}
-{%- if add_generation_prompt %}
-    {{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}
-{%- endif %}
-"""
-
-QWEN25 = """{%- if tools %}
-    {{- '<|im_start|>system\\n' }}{{- messages[0]['content'] }}
-{%- else %}
-    {%- if messages[0]['role'] == 'system' %}
-        {{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}
-    {%- else %}
-        {{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\\n' }}
-    {%- endif %}
-{%- endif %}
-{%- for message in messages %}
-    {%- if (message.role == "user") or (message.role == "system" and not loop.first) or (message.role == "assistant") %}
-        {{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}
-    {%- endif %}
-{%- endfor %}
-{%- if add_generation_prompt %}
-    {{- '<|im_start|>assistant\\n' }}
-{%- endif %}
-"""
+from tests.chat_templates import LLAMA3, LLAMA32, QWEN25
 
 FAMILIES = {
     # name: (template source, bos text, eos text, tokenizer adds BOS, expected family, system mode)
@@ -135,7 +86,9 @@ def test_default_model_template_gives_the_same_tokens(tiny_gguf):
     for context in (None, "I am Ana, a vegan chef."):
         messages = [{"role": "user", "content": "What should I cook?"}]
         text = gotemplate.render(source, ollama.ollama_values(messages, modelfile_system=context))
-        assert cf.tokenizer.encode_prompt(text) == cf.prompt_ids(context, "What should I cook?")
+        assert cf.tokenizer.with_bos(cf.tokenizer.encode_markup(text)) == cf.prompt_ids(
+            context, "What should I cook?"
+        )
 
 
 @pytest.mark.parametrize(
@@ -236,3 +189,25 @@ def test_gotemplate_renders_the_go_subset(source, data, want):
 def test_gotemplate_refuses_what_it_does_not_implement(source):
     with pytest.raises(gotemplate.GoTemplateError):
         gotemplate.render(source, {"A": "a"})
+
+
+def test_the_modelfile_samples_as_the_chat_does():
+    """PARAMETER lines carry the chat's decoding settings under Ollama's names, so an answer in Ollama is
+    sampled the way `mipo-local chat` samples it."""
+    from mipo_local.conversation import ChatSession
+    from mipo_local.settings import AnswerSettings
+
+    text = ollama.modelfile_text(
+        from_="./m.gguf", template="{{ .Prompt }}", stops=["<|im_end|>"], system=None
+    )
+    params = dict(line.split(" ", 2)[1:] for line in text.splitlines() if line.startswith("PARAMETER "))
+    chat = {f.name: f for f in ChatSession.__dataclass_fields__.values()}
+    penalties = chat["penalties"].default_factory()
+    assert float(params["temperature"]) == chat["temperature"].default == AnswerSettings.temperature
+    assert float(params["top_p"]) == chat["top_p"].default
+    assert int(params["top_k"]) == chat["top_k"].default
+    assert (
+        float(params["repeat_penalty"]) == penalties.repeat
+        and int(params["repeat_last_n"]) == penalties.last_n
+    )
+    assert int(params["num_predict"]) == chat["max_tokens"].default

@@ -98,9 +98,18 @@ def test_same_seed_same_pairs_and_rerun_regenerates_nothing(tiny_workspace, tmp_
 
 def test_min_pmi_drops_and_remembers(tiny_workspace):
     _fill(tiny_workspace)
-    summary = _run(tiny_workspace, PairSettings(**{**FAST.__dict__, "min_pmi": 1e9}))
+    summary = _run(tiny_workspace, PairSettings(**{**FAST.__dict__, "min_pmi": 1e5}))
     assert summary.dropped == 4 and summary.generated == 0
-    assert _run(tiny_workspace, PairSettings(**{**FAST.__dict__, "min_pmi": 1e9})).already_done == 4
+    assert _run(tiny_workspace, PairSettings(**{**FAST.__dict__, "min_pmi": 1e5})).already_done == 4
+    # Without the threshold the dropped pairs come back from their stored text, unchanged and unsampled.
+    events = list(mipo_pairs.generate_pairs(tiny_workspace, FAST))
+    assert any("Restored 4 pairs" in getattr(e, "message", "") for e in events)
+    assert tiny_workspace.count("pairs") == 4
+    assert tiny_workspace.query("SELECT COUNT(*) FROM pair_skips")[0][0] == 0
+    fresh = _pair_view(tiny_workspace)
+    tiny_workspace.query("DELETE FROM pairs")
+    _run(tiny_workspace)
+    assert _pair_view(tiny_workspace) == fresh  # what was restored is what sampling gives
 
 
 def test_candidates_keep_best_positive(tiny_workspace):
@@ -119,12 +128,27 @@ def test_bad_input(tiny_workspace, tmp_path):
     tiny_workspace.add_prompts(["Q?"])
     with pytest.raises(UserInputError, match="--max-tokens must be between"):
         _run(tiny_workspace, PairSettings(max_tokens=0))
-    # A prompt longer than the model's window is skipped with a warning that names it.
-    tiny_workspace.add_prompts(["word " * 2100 + "?"])
-    events = list(mipo_pairs.generate_pairs(tiny_workspace, FAST))
-    warnings = [e for e in events if getattr(e, "level", "") == "warning"]
-    assert len(warnings) == 1 and "Skipped prompt 2" in warnings[0].message
-    assert tiny_workspace.count("pairs") == 1
+
+
+def test_a_context_too_long_for_the_window_skips_only_its_own_pairs(ws_dir, default_source_gguf, tmp_path):
+    """On a model with a 256-token window, one long context loses its pairs; the other context keeps all
+    of its pairs, and the warning names the context."""
+    from mipo_local import modelsource
+    from mipo_local.workspace import Workspace
+    from tests.tiny_gguf import TinyConfig, build_tiny_llama
+
+    small = build_tiny_llama(default_source_gguf, tmp_path / "small.gguf", TinyConfig(context_length=256))
+    ws = Workspace.open(ws_dir, create=True)
+    modelsource.set_base_model(ws, str(small))
+    ws.add_context("I am Ana.")
+    ws.add_context("I am Bo. " + " ".join(f"I like thing number {i}." for i in range(60)))
+    ws.add_prompts(["What should I cook?", "Where should I go?"])
+    events = list(mipo_pairs.generate_pairs(ws, FAST))
+    warnings = [e.message for e in events if getattr(e, "level", "") == "warning"]
+    assert len(warnings) == 2 and all("with context 2" in w for w in warnings)
+    assert {p.context for p in pairs_store.list_pairs(ws)} == {"I am Ana."}
+    assert ws.count("pairs") == 2
+    ws.close()
 
 
 def test_model_removed_since_init(ws_dir, tiny_gguf, tmp_path):

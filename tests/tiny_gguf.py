@@ -33,10 +33,27 @@ class TinyConfig:
 _TOKENIZER_PREFIX = "tokenizer."
 
 
-def build_tiny_llama(source_gguf: Path, target: Path, cfg: TinyConfig = TinyConfig()) -> Path:
+@dataclass(frozen=True)
+class TokenizerChanges:
+    """Changes to the copied tokenizer: another chat template, control tokens appended to the vocabulary
+    (with BOS / EOS pointing at two of them), as a model family with its own turn markers has."""
+
+    chat_template: str | None = None
+    extra_control_tokens: tuple[str, ...] = ()
+    bos: str | None = None
+    eos: str | None = None
+    add_bos: bool | None = None
+
+
+def build_tiny_llama(
+    source_gguf: Path, target: Path, cfg: TinyConfig = TinyConfig(), changes: TokenizerChanges | None = None
+) -> Path:
     """Write a tiny llama GGUF at `target` with `source_gguf`'s tokenizer and chat template."""
     reader = gguf_io.open_reader(source_gguf)
-    vocab = len(reader.get_field(gguf.Keys.Tokenizer.LIST).data)
+    changes = changes or TokenizerChanges()
+    tokens = [str(t) for t in reader.get_field(gguf.Keys.Tokenizer.LIST).contents()]
+    tokens += changes.extra_control_tokens
+    vocab = len(tokens)
     rng = np.random.default_rng(cfg.seed)
     head_dim = cfg.n_embd // cfg.n_head
     arch = cfg.architecture
@@ -66,11 +83,26 @@ def build_tiny_llama(source_gguf: Path, target: Path, cfg: TinyConfig = TinyConf
         }[cfg.weight_type]
     )
     # Tokenizer and chat template copied with their exact types from the real model.
+    K = gguf.Keys.Tokenizer
+    n_extra = len(changes.extra_control_tokens)
+    replaced = {
+        K.LIST: tokens,
+        K.TOKEN_TYPE: [*reader.get_field(K.TOKEN_TYPE).contents(), *[gguf.TokenType.CONTROL] * n_extra],
+        K.CHAT_TEMPLATE: changes.chat_template,
+        K.BOS_ID: tokens.index(changes.bos) if changes.bos else None,
+        K.EOS_ID: tokens.index(changes.eos) if changes.eos else None,
+        K.ADD_BOS: changes.add_bos,
+    }
+    if reader.get_field(K.SCORES) is not None:
+        replaced[K.SCORES] = [*reader.get_field(K.SCORES).contents(), *[0.0] * n_extra]
     for key, field in reader.fields.items():
         if key.startswith(_TOKENIZER_PREFIX):
             vtype = field.types[0]
             sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
-            writer.add_key_value(key, field.contents(), vtype, sub_type=sub)
+            value = replaced.get(key)
+            writer.add_key_value(key, field.contents() if value is None else value, vtype, sub_type=sub)
+    if changes.chat_template and reader.get_field(K.CHAT_TEMPLATE) is None:
+        writer.add_chat_template(changes.chat_template)
 
     def matrix(rows: int, cols: int) -> np.ndarray:
         return (rng.standard_normal((rows, cols)) * cfg.std).astype(np.float32)

@@ -9,6 +9,7 @@ from collections.abc import Iterable
 import click
 
 from ..progress import Log, Progress, format_eta
+from ..validation import ID_MAX
 from ..workspace import Workspace
 
 
@@ -19,6 +20,9 @@ def open_workspace(ctx: click.Context, *, create: bool = False) -> Workspace:
 
 
 pass_ctx = click.pass_context
+
+# Row ids: SQLite's integers are 64-bit, so a larger number is refused by click rather than by sqlite3.
+ID = click.IntRange(1, ID_MAX)
 
 
 def _bar(fraction: float, width: int = 28) -> str:

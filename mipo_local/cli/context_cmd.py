@@ -8,7 +8,7 @@ import click
 
 from ..errors import UserInputError
 from ..prompts_import import read_text_file
-from .common import open_workspace, table
+from .common import ID, open_workspace, table
 
 
 @click.group()
@@ -53,7 +53,7 @@ def list_contexts(ctx: click.Context) -> None:
 
 
 @context.command()
-@click.argument("context_id", type=int)
+@click.argument("context_id", type=ID)
 @click.argument("text")
 @click.pass_context
 def edit(ctx: click.Context, context_id: int, text: str) -> None:
@@ -63,7 +63,7 @@ def edit(ctx: click.Context, context_id: int, text: str) -> None:
 
 
 @context.command()
-@click.argument("context_id", type=int)
+@click.argument("context_id", type=ID)
 @click.pass_context
 def rm(ctx: click.Context, context_id: int) -> None:
     """Delete context CONTEXT_ID (pairs made from it keep their copy of the text)."""

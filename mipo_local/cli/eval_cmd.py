@@ -13,15 +13,15 @@ from ..errors import WorkspaceError
 from ..evaluate import evaluate
 from ..modelsource import base_model
 from ..plots import training_plot_text
-from ..settings import EvalSettings, with_overrides
+from ..settings import AnswerSettings, EvalSettings, with_overrides
 from ..train import runs as run_store
-from .common import drive, open_workspace, table
+from .common import ID, drive, open_workspace, table
 
 
 @click.command("eval")
 @click.option("--run", "run_name", default=None, help="Evaluate the newest export of this run.")
 @click.option(
-    "--export", "export_id", type=int, default=None, help="Evaluate this export id (default: the newest)."
+    "--export", "export_id", type=ID, default=None, help="Evaluate this export id (default: the newest)."
 )
 @click.option("--n", type=int, default=None, help="Held-out prompts to use (default: 16).")
 @click.option(
@@ -94,8 +94,16 @@ def eval_cmd(
     show_default=True,
     help="Use your contexts as the system turn.",
 )
-@click.option("--temperature", type=float, default=0.7, show_default=True, help="Sampling temperature.")
-@click.option("--max-tokens", type=int, default=512, show_default=True, help="Longest answer.")
+@click.option(
+    "--temperature",
+    type=float,
+    default=AnswerSettings.temperature,
+    show_default=True,
+    help="Sampling temperature.",
+)
+@click.option(
+    "--max-tokens", type=int, default=AnswerSettings.max_tokens, show_default=True, help="Longest answer."
+)
 @click.pass_context
 def chat(
     ctx: click.Context, spec: str, system_from_contexts: bool, temperature: float, max_tokens: int

@@ -67,10 +67,31 @@ for _name in COMMAND_MODULES:
     importlib.import_module(_name).register(cli)
 
 
-# A full or read-only disk is the user's to fix, not a bug: one line, like any other bad input. Every write
-# is atomic (temp file + rename, SQLite transactions), so what was there before is still intact.
-DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
+# A full disk or a place that cannot be written is the user's to fix, not a bug: one line, like any other bad
+# input. Every write is atomic (temp file + rename, SQLite transactions), so what was there before is intact.
+FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+DENIED_ERRNOS = {errno.EROFS, errno.EACCES, errno.EPERM}
+PLACE_ERRNOS = {errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EINVAL, errno.ENAMETOOLONG, errno.EEXIST}
 DISK_HINT = "nothing was half-written. Free some disk space and run the same command again."
+
+
+def os_error_line(err: OSError) -> str | None:
+    """The one line for an OSError the user can fix (a full disk, a read-only or missing place), or None."""
+    where = f" {err.filename}" if err.filename else ""
+    if err.errno in FULL_ERRNOS or (err.errno is None and "No space left" in str(err)):
+        return f"The disk is full: could not write{where}; {DISK_HINT}"
+    if err.errno in DENIED_ERRNOS:
+        return f"Cannot write{where or ' there'}: {err.strerror} (a read-only or protected place); nothing was changed."
+    if err.errno in PLACE_ERRNOS and err.filename:
+        return f"Cannot use{where}: {err.strerror}; nothing was changed."
+    return None
+
+
+def _error(message: str) -> None:
+    """One line on stderr, whatever the message quotes back: a user's value with a line break or a
+    terminal escape in it is shown escaped, not obeyed."""
+    line = "".join(ch if ch.isprintable() or ch == " " else repr(ch)[1:-1] for ch in message.strip())
+    click.echo(f"Error: {line}", err=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,10 +106,10 @@ def main(argv: list[str] | None = None) -> int:
     except click.UsageError as exc:
         # One line like every other error (click's default adds a usage block); the help hint stays on it.
         where = f" See `{exc.ctx.command_path} --help`." if exc.ctx is not None else ""
-        click.echo(f"Error: {exc.format_message()}{where}", err=True)
+        _error(f"{exc.format_message()}{where}")
         return exc.exit_code
     except click.ClickException as exc:
-        click.echo(f"Error: {exc.format_message()}", err=True)
+        _error(exc.format_message())
         return exc.exit_code
     except click.exceptions.Abort:
         click.echo("Cancelled.", err=True)
@@ -97,18 +118,22 @@ def main(argv: list[str] | None = None) -> int:
         click.echo("Cancelled. Finished work was saved; run the same command again to resume.", err=True)
         return 130
     except MipoError as err:
-        click.echo(f"Error: {err}", err=True)
+        _error(str(err))
         return err.exit_code
     except OSError as err:
-        if err.errno not in DISK_ERRNOS:
+        line = os_error_line(err)
+        if line is None:
             raise  # anything else is a bug, and its traceback is what a bug report needs
-        where = f" writing {err.filename}" if err.filename else ""
-        click.echo(f"Error: {err.strerror}{where}; {DISK_HINT}", err=True)
+        _error(line)
         return 1
     except sqlite3.OperationalError as err:
-        if "disk is full" not in str(err) and "disk I/O error" not in str(err):
+        text = str(err)
+        if "readonly database" in text or "unable to open database" in text:
+            _error(f"the workspace database cannot be written ({err}); nothing was changed.")
+        elif "disk is full" in text or "disk I/O error" in text:
+            _error(f"the workspace database could not be written ({err}); {DISK_HINT}")
+        else:
             raise
-        click.echo(f"Error: the workspace database could not be written ({err}); {DISK_HINT}", err=True)
         return 1
     return 0
 

@@ -11,7 +11,7 @@ from .. import pairs as mipo_pairs
 from .. import pairs_store
 from ..settings import NEGATIVE_STRATEGIES, PairSettings, with_overrides
 from ..synth import synthesize_prompts
-from .common import drive, open_workspace, table
+from .common import ID, drive, open_workspace, table
 
 
 @click.group(invoke_without_command=True)
@@ -51,8 +51,21 @@ from .common import drive, open_workspace, table
     default=None,
     help="Drop pairs whose PMI margin (chosen minus rejected) is below this.",
 )
+@click.option(
+    "--repeat-penalty",
+    type=float,
+    default=None,
+    help="llama.cpp's repetition penalty while sampling (default: 1, none).",
+)
+@click.option(
+    "--from-run",
+    "from_run",
+    default=None,
+    metavar="RUN",
+    help="The next self-improvement round: sample from RUN's model (the base + RUN's LoRA, in llama.cpp).",
+)
 @click.pass_context
-def pairs(ctx: click.Context, **options) -> None:
+def pairs(ctx: click.Context, from_run: str | None, **options) -> None:
     """Generate MIPO preference pairs: y+ with your context, y- with an unrelated one.
 
     Resumable: run it again after Ctrl-C (or a crash) and it continues where it stopped.
@@ -61,11 +74,8 @@ def pairs(ctx: click.Context, **options) -> None:
         return
     ws = open_workspace(ctx)
     settings = with_overrides(PairSettings(), **options)
-    summary = drive(mipo_pairs.generate_pairs(ws, settings))
-    click.echo(
-        f"{summary.generated} new pairs ({summary.already_done} already done, {summary.dropped} dropped by --min-pmi, "
-        f"{summary.skipped_prompts} prompts skipped); {ws.count('pairs')} pairs in the workspace."
-    )
+    summary = drive(mipo_pairs.generate_pairs(ws, settings, from_run=from_run))
+    click.echo(mipo_pairs.describe(summary) + f"; {ws.count('pairs')} pairs in the workspace.")
 
 
 @pairs.command("list")
@@ -83,7 +93,7 @@ def list_cmd(ctx: click.Context) -> None:
 
 
 @pairs.command()
-@click.argument("pair_id", type=int)
+@click.argument("pair_id", type=ID)
 @click.pass_context
 def show(ctx: click.Context, pair_id: int) -> None:
     """Show one pair: prompt, contexts, chosen and rejected, scores."""
@@ -100,7 +110,7 @@ def show(ctx: click.Context, pair_id: int) -> None:
 
 
 @pairs.command()
-@click.argument("pair_id", type=int)
+@click.argument("pair_id", type=ID)
 @click.pass_context
 def rm(ctx: click.Context, pair_id: int) -> None:
     """Delete pair PAIR_ID (the ids are in `mipo-local pairs list`)."""
@@ -109,7 +119,7 @@ def rm(ctx: click.Context, pair_id: int) -> None:
 
 
 @pairs.command()
-@click.argument("pair_id", type=int)
+@click.argument("pair_id", type=ID)
 @click.option("--seed", type=int, default=None, help="Sampling seed (default: a fresh random one).")
 @click.pass_context
 def regenerate(ctx: click.Context, pair_id: int, seed: int | None) -> None:

@@ -6,7 +6,9 @@ from pathlib import Path
 
 import click
 
-from ..prompts_import import parse_prompts
+from ..errors import UserInputError
+from ..prompts_import import IMPORT_LIMIT, parse_prompts
+from ..validation import ID_MAX
 from .common import open_workspace, table
 
 
@@ -37,11 +39,19 @@ def add(ctx: click.Context, text: tuple[str, ...]) -> None:
 
 @prompts.command("import")
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--limit",
+    type=click.IntRange(1, 1_000_000),
+    default=IMPORT_LIMIT,
+    show_default=True,
+    help="Refuse a file with more prompts than this (nothing is imported then).",
+)
 @click.pass_context
-def import_prompts(ctx: click.Context, file: Path) -> None:
+def import_prompts(ctx: click.Context, file: Path, limit: int) -> None:
     """Import prompts from FILE: plain text (one per line), a Markdown list, JSONL with a `prompt` field,
-    or a ChatGPT `conversations.json` export (its user turns). All or nothing."""
-    texts, fmt = parse_prompts(file)
+    or a ChatGPT `conversations.json` export (its user turns). All or nothing; undo with
+    `prompts rm --source import`."""
+    texts, fmt = parse_prompts(file, limit)
     ws = open_workspace(ctx)
     added, dups = ws.add_prompts(texts, source="import")
     click.echo(f"Read {len(texts)} prompts from {file} ({fmt}).")
@@ -69,12 +79,44 @@ def list_prompts(ctx: click.Context, source: str | None) -> None:
 
 
 @prompts.command()
-@click.argument("prompt_id", type=int)
+@click.argument("ids", nargs=-1, metavar="[ID | FIRST-LAST]...")
+@click.option(
+    "--source",
+    type=click.Choice(["user", "import", "synthetic"]),
+    default=None,
+    help="Delete every prompt of this origin (e.g. undo an import).",
+)
 @click.pass_context
-def rm(ctx: click.Context, prompt_id: int) -> None:
-    """Delete prompt PROMPT_ID."""
-    open_workspace(ctx).remove_prompt(prompt_id)
-    click.echo(f"Removed prompt {prompt_id}.")
+def rm(ctx: click.Context, ids: tuple[str, ...], source: str | None) -> None:
+    """Delete prompts: by id (`rm 4`), by range (`rm 10-200`) or by origin (`rm --source import`)."""
+    if not ids and source is None:
+        raise UserInputError("Say which prompts to delete: ids, a range FIRST-LAST, or --source.")
+    ws = open_workspace(ctx)
+    if source is not None:
+        if ids:
+            raise UserInputError("Give ids or --source, not both.")
+        n = ws.remove_prompts([p.id for p in ws.prompts(source)])
+    else:
+        single, ranges = _parse_ids(ids)
+        n = ws.remove_prompts(single, ranges=ranges)
+    click.echo(f"Removed {n} prompt{'s' if n != 1 else ''}.")
+
+
+def _parse_ids(ids: tuple[str, ...]) -> tuple[list[int], list[tuple[int, int]]]:
+    single, ranges = [], []
+    for text in ids:
+        first, dash, last = text.partition("-")
+        try:
+            numbers = [int(first), int(last)] if dash else [int(first)]
+        except ValueError:
+            raise UserInputError(f"'{text}' is not a prompt id or a range FIRST-LAST.") from None
+        if not all(1 <= n <= ID_MAX for n in numbers) or (dash and numbers[0] > numbers[1]):
+            raise UserInputError(f"'{text}' is not a valid id or range (ids start at 1, FIRST <= LAST).")
+        if dash:
+            ranges.append((numbers[0], numbers[1]))
+        else:
+            single.append(numbers[0])
+    return single, ranges
 
 
 def register(cli: click.Group) -> None:

@@ -28,10 +28,7 @@ def init(ctx: click.Context, spec: str | None) -> None:
         current = ws.get_config(modelsource.CONFIG_KEY)
         spec = current["spec"] if current else None
     # Validate the model before creating anything, so a bad spec leaves no half-made workspace behind.
-    path = modelsource.resolve(spec)
-    from ..gguf_io import read_info
-
-    read_info(path)
+    modelsource.check_model(spec)
     ws = Workspace.open(root, create=True)
     model = modelsource.set_base_model(ws, spec)
     click.echo(f"Workspace: {ws.root}{'' if existed else ' (created)'}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ..settings import TrainSettings, with_overrides
+from ..settings import ROUND_INITS, ROUND_REFS, TrainSettings, with_overrides
 from ..train import runs as run_store
 from ..train.batching import ANCHORS
 from ..train.loop import train as train_job
@@ -100,6 +100,25 @@ def _targets(_ctx, _param, value):
 )
 @click.option("--run", "run_name", default=None, help="Run name (default: run-N).")
 @click.option(
+    "--from-run",
+    "from_run",
+    default=None,
+    metavar="RUN",
+    help="The next self-improvement round: train on the pairs RUN's model sampled (`pairs --from-run RUN`).",
+)
+@click.option(
+    "--round-init",
+    type=click.Choice(ROUND_INITS),
+    default=None,
+    help="With --from-run: continue RUN's LoRA or start a fresh one (default: continue).",
+)
+@click.option(
+    "--round-ref",
+    type=click.Choice(ROUND_REFS),
+    default=None,
+    help="With --from-run: DPO's reference is the base model or RUN's model (default: base).",
+)
+@click.option(
     "--seed",
     type=int,
     default=None,
@@ -150,7 +169,16 @@ def show(ctx: click.Context, name: str) -> None:
     """Show a run's settings and its logged metrics."""
     ws = open_workspace(ctx)
     run = run_store.require_run(ws, name)
-    click.echo(f"Run {run.name}: {run.status}, backend {run.backend}")
+    round_ = run.settings.get("round") or 1
+    origin = (
+        f", round {round_} (pairs sampled by run '{run.settings['from_run']}')" if round_ > 1 else ", round 1"
+    )
+    click.echo(f"Run {run.name}: {run.status}, backend {run.backend}{origin}")
+    summary = run.summary or {}
+    if summary:
+        click.echo(
+            f"Trained on {summary.get('train_pairs', 0)} pairs ({summary.get('heldout_pairs', 0)} held out)."
+        )
     click.echo("Settings: " + ", ".join(f"{k}={v}" for k, v in run.settings.items()))
     for line in run_store.read_log(ws, run.id):
         if line["kind"] in ("train", "eval"):

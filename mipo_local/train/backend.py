@@ -107,3 +107,8 @@ class Backend(ABC):
     @abstractmethod
     def lora_tensors(self) -> dict[str, LoraTensor]:
         """The trained LoRA weights keyed by GGUF base-tensor name, in GGUF layout (see LoraTensor)."""
+
+    @abstractmethod
+    def set_lora_tensors(self, tensors: dict[str, LoraTensor]) -> None:
+        """Load LoRA weights given in GGUF layout (the inverse of lora_tensors): a round that continues the
+        previous round's adapter starts from them."""

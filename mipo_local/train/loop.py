@@ -28,7 +28,8 @@ from ..fsutil import atomic_dir, atomic_write_text, private_dir
 from ..pairs_store import list_pairs
 from ..progress import EtaClock, Log, Progress
 from ..quantize import resolve_quant
-from ..settings import LORA_TARGETS, ExportSettings, TrainSettings
+from ..settings import LORA_TARGETS, ROUND_INITS, ROUND_REFS, ExportSettings, TrainSettings
+from ..validation import THREADS_MAX, check_name, require_int, require_seed
 from ..workspace import Workspace
 from . import runs
 from .backend import Backend, LoraConfig, PairBatch
@@ -90,29 +91,58 @@ def validate(s: TrainSettings) -> None:
         raise UserInputError(
             f"--targets has unknown names {', '.join(bad) or '(none given)'}; valid: {','.join(LORA_TARGETS)}."
         )
-    for name, low in (("epochs", 1), ("rank", 1), ("batch_size", 1), ("grad_accum", 1), ("max_len", 32),
-                      ("eval_every", 1), ("checkpoint_every", 1)):  # fmt: skip
-        if getattr(s, name) < low:
-            raise UserInputError(
-                f"--{name.replace('_', '-')} must be at least {low}, not {getattr(s, name)}."
-            )
+    for name, low, high in INT_RANGES:
+        value = getattr(s, name)
+        if value < low:
+            raise UserInputError(f"--{name.replace('_', '-')} must be at least {low}, not {value}.")
+        require_int(f"--{name.replace('_', '-')}", value, low, high)
+    require_seed("--seed", s.seed)
+    require_int("--threads", s.threads, 1, THREADS_MAX)
     checks = [
         ("lr", 0 < s.lr < 1, "between 0 and 1"),
-        ("beta", s.beta > 0, "positive"),
+        ("beta", 0 < s.beta <= 100, "positive, at most 100"),
         ("sft_weight", 0 <= s.sft_weight <= 10, "between 0 and 10"),
         ("other_context_kl", 0 <= s.other_context_kl <= 100, "between 0 and 100"),
         ("kl_anchor", s.kl_anchor in ANCHORS, " or ".join(ANCHORS)),
-        ("alpha", s.alpha > 0, "positive"),
+        ("alpha", 0 < s.alpha <= 10_000, "positive, at most 10000"),
         ("eval_fraction", 0 <= s.eval_fraction <= 0.5, "between 0 and 0.5"),
         ("warmup_ratio", 0 <= s.warmup_ratio < 1, "between 0 and 1"),
         ("backend", s.backend in ("auto", "torch", "mlx"), "auto, torch or mlx"),
         ("ref", s.ref in ("cached", LLAMA_CPP), "cached or llama.cpp"),
         ("device", s.device in ("auto", "cpu", "cuda"), "auto, cpu or cuda"),
         ("precision", s.precision in ("auto", "bf16", "fp32"), "auto, bf16 or fp32"),
+        ("round_init", s.round_init in ROUND_INITS, " or ".join(ROUND_INITS)),
+        ("round_ref", s.round_ref in ROUND_REFS, " or ".join(ROUND_REFS)),
     ]
     for name, ok, what in checks:
         if not ok:
             raise UserInputError(f"--{name.replace('_', '-')} must be {what}, not {getattr(s, name)!r}.")
+
+
+# (setting, lowest, highest): the highest values are far beyond any useful run, and stop a typo (an epoch
+# count of a million) from starting a job of months.
+INT_RANGES = (
+    ("epochs", 1, 100), ("rank", 1, 1024), ("batch_size", 1, 256), ("grad_accum", 1, 4096),
+    ("max_len", 32, 131_072), ("eval_every", 1, 1_000_000), ("checkpoint_every", 1, 1_000_000),
+)  # fmt: skip
+
+
+def check_rank_fits(rank: int, info, targets) -> None:
+    """LoRA's rank cannot usefully exceed the smaller side of any matrix it adapts; a larger one only
+    allocates memory (a rank of 10^8 asks for hundreds of GB)."""
+    from .. import gguf_io
+
+    shapes = {t.name: t.shape for t in info.tensors}
+    smallest = min(
+        (min(shapes[name]) for kind in targets for i in range(info.n_layers)
+         if (name := gguf_io.tensor_name(gguf_io.LORA_TARGET_TENSORS[kind], i)) in shapes),
+        default=None,
+    )  # fmt: skip
+    if smallest is not None and rank > smallest:
+        raise UserInputError(
+            f"--rank {rank} is larger than this model's smallest adapted matrix side ({smallest}); "
+            f"use at most {smallest} (8 or 16 is usual)."
+        )
 
 
 def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
@@ -135,6 +165,27 @@ def evaluate(backend: Backend, items: list[TrainPair], refs: dict, beta: float) 
     return dpo_metrics(loss, r_c, r_r), policy
 
 
+def round_settings(ws: Workspace, s: TrainSettings) -> TrainSettings:
+    """The settings of a run that trains on the next round after `s.from_run`: its round number, and, when
+    it continues that run's LoRA, that LoRA's shape (rank, alpha, targets)."""
+    if s.from_run is None:
+        return dataclasses.replace(s, round=1)
+    prev = runs.require_run(ws, s.from_run, finished=True)
+    prev_settings = resumed_settings(prev.settings)
+    s = dataclasses.replace(s, round=prev_settings.round + 1)
+    if s.round_init == "continue":
+        s = dataclasses.replace(
+            s, rank=prev_settings.rank, alpha=prev_settings.alpha, targets=tuple(prev_settings.targets)
+        )
+    return s
+
+
+def round_pairs(ws: Workspace, s: TrainSettings):
+    """The pairs a run trains on: those its round's model sampled (round 1: the base model's and imported
+    pairs; round k+1: those of `pairs --from-run`)."""
+    return list_pairs(ws, sampler=s.from_run)
+
+
 def resumed_settings(stored: dict) -> TrainSettings:
     """A run's settings as stored at its start; a setting added since gets the value that run trained with."""
     known = {f.name for f in dataclasses.fields(TrainSettings)}
@@ -142,6 +193,8 @@ def resumed_settings(stored: dict) -> TrainSettings:
     # Runs started before these settings existed had no KL anchor, then only the "rejected" one.
     values.setdefault("other_context_kl", 0.0)
     values.setdefault("kl_anchor", "rejected")
+    values.setdefault("from_run", None)  # and before rounds, every run was a first round
+    values.setdefault("round", 1)
     return TrainSettings(**{**values, "targets": tuple(values["targets"])})
 
 
@@ -158,28 +211,40 @@ def train(
     """
     validate(settings)
     model = modelsource.base_model(ws)
-    pairs = list_pairs(ws)
+    if resume:
+        run = runs.require_run(ws, run_name)
+        if run.status == "finished":
+            raise UserInputError(f"The run '{run.name}' has already finished; there is nothing to resume.")
+        settings = resumed_settings(run.settings)
+    else:
+        from .. import gguf_io
+
+        settings = round_settings(ws, settings)
+        check_rank_fits(settings.rank, gguf_io.read_info(model.file), settings.targets)
+        if run_name is not None:
+            check_name("--run", run_name)
+    pairs = round_pairs(ws, settings)
     if not pairs:
+        if settings.from_run:
+            raise UserInputError(
+                f"There are no pairs of round {settings.round} yet (sampled by run '{settings.from_run}').",
+                hint=f"Generate them first: mipo-local pairs --from-run {settings.from_run}",
+            )
         raise UserInputError("There are no pairs to train on.", hint="Generate them first: mipo-local pairs")
     with ws.job("train", f"mipo-local train ({run_name or 'new run'})"):
-        if resume:
-            run = runs.require_run(ws, run_name)
-            if run.status == "finished":
-                raise UserInputError(
-                    f"The run '{run.name}' has already finished; there is nothing to resume."
-                )
-            settings = resumed_settings(run.settings)
-        else:
+        if not resume:
             run = runs.create_run(
                 ws, run_name or runs.new_run_name(ws), backend_name(settings), asdict(settings), asdict(model)
             )
         try:
             return (yield from _train_run(ws, settings, run, model, pairs, resume))
-        except TrainingError:
-            runs.set_status(ws, run.id, "failed")
-            raise
-        except BaseException:
-            runs.set_status(ws, run.id, "cancelled")
+        except BaseException as err:
+            if not resume and runs.get_run(ws, run.name).status == "created":
+                # Stopped before training began (the model did not load, a bad setting, Ctrl-C while
+                # loading): nothing to resume, so the name stays free for the next try.
+                runs.delete_run(ws, run.id)
+            else:
+                runs.set_status(ws, run.id, "failed" if isinstance(err, TrainingError) else "cancelled")
             raise
 
 
@@ -214,6 +279,15 @@ def _train_run(ws, settings, run, model, pairs, resume) -> Generator[Progress | 
         backend.load(model.file, lora, seed=settings.seed, device=settings.device)
     except MemoryError as err:
         raise TrainingError(f"Out of memory while loading {model.name} for training.", hint=OOM_HINT) from err
+    previous = None
+    if settings.from_run:  # a later round: the LoRA it continues, or the model DPO measures against
+        from ..adapter_io import load_adapter
+
+        previous = load_adapter(runs.final_dir(ws, settings.from_run) / ADAPTER_FILE).tensors
+        if settings.round_init == "continue":  # a checkpoint, when resuming, replaces it below
+            backend.set_lora_tensors(previous)
+        yield Log("train", f"Round {settings.round}: {settings.round_init} run '{settings.from_run}''s LoRA, "
+                           f"reference: {'the base model' if settings.round_ref == 'base' else 'that run'}.")  # fmt: skip
     load_seconds = time.monotonic() - started
     runs.set_status(ws, run.id, "running")
     yield Log("train", f"Loaded in {load_seconds:.0f} s; preparing {len(pairs)} pairs.")
@@ -231,8 +305,13 @@ def _train_run(ws, settings, run, model, pairs, resume) -> Generator[Progress | 
         model_sha=model.sha256, max_len=settings.max_len, base_gguf=model.file, threads=settings.threads
     )
     try:
-        refs = yield from reference_logps(ws, backend, items, source=source, **ref_args)
-        if source == LLAMA_CPP:  # how far the fast source is from the exact one, on a few pairs
+        if previous is not None and settings.round_ref == "previous":
+            refs = yield from _previous_round_refs(ws, backend, items, previous, settings, exact, ref_args)
+        else:
+            refs = yield from reference_logps(ws, backend, items, source=source, **ref_args)
+        if previous is not None and settings.round_ref == "previous":
+            other = {}
+        elif source == LLAMA_CPP:  # how far the fast source is from the exact one, on a few pairs
             other = yield from reference_logps(ws, backend, items[:COMPARE_PAIRS], source=exact, **ref_args)
         else:
             other = cached(ws, [t.pair_id for t in items], model.sha256, LLAMA_CPP, settings.max_len)
@@ -262,6 +341,9 @@ def _train_run(ws, settings, run, model, pairs, resume) -> Generator[Progress | 
         step = int(state.get("step", 0))
         runs.truncate_log(ws, run.id, step)
         yield Log("train", f"Resuming run '{run.name}' at step {step} of {total}.")
+    if not resume:
+        yield Log("train", f"Training {total} steps ({settings.epochs} epoch{'s' if settings.epochs > 1 else ''} of "
+                           f"{steps_per_epoch}) on {len(train_items)} pairs; {len(held_items)} held out.")  # fmt: skip
     runs.log(ws, run.id, step, "info", {"train_pairs": len(train_items), "heldout_pairs": len(held_items),
                                         "total_steps": total, "backend": backend.name, "ref_source": source})  # fmt: skip
 
@@ -361,6 +443,19 @@ def _train_run(ws, settings, run, model, pairs, resume) -> Generator[Progress | 
                            time.monotonic() - started, load_seconds, metrics)  # fmt: skip
     runs.set_status(ws, run.id, "finished", asdict(summary))
     return summary
+
+
+def _previous_round_refs(ws, backend, items, previous, settings, exact, ref_args):
+    """Reference log-probs under the previous round's model: the backend with that run's LoRA, cached
+    under a source name of its own. A fresh LoRA is put back afterwards."""
+    fresh = backend.lora_tensors() if settings.round_init == "fresh" else None
+    backend.set_lora_tensors(previous)
+    try:
+        source = f"{exact}@{settings.from_run}"
+        return (yield from reference_logps(ws, backend, items, source=source, adapter=True, **ref_args))
+    finally:
+        if fresh is not None:
+            backend.set_lora_tensors(fresh)
 
 
 def _llama_cpp_heldout(ws, adapter_path, held_items, heldout, model, ref_args) -> list[dict]:

@@ -100,8 +100,12 @@ def reference_logps(
     max_len: int,
     base_gguf: Path,
     threads: int | None = None,
+    adapter: bool = False,
 ) -> Generator[Progress, None, Refs]:
     """{pair_id: (chosen, rejected)} for `items`: the cache first, the missing ones computed and stored.
+
+    `adapter`: score with the backend's current LoRA on (a later round's reference: the previous round's
+    model); `source` must then name it apart from the base's numbers.
 
     Yields progress while computing; each chunk is committed as it finishes, so a cancelled job keeps them.
     """
@@ -118,12 +122,13 @@ def reference_logps(
         return refs
     done = 0
     for chunk in micro_batches(missing, CHUNK):
-        c, r = backend.logprobs([t.encoded for t in chunk], adapter=False)
+        c, r = backend.logprobs([t.encoded for t in chunk], adapter=adapter)
         values = {t.pair_id: (float(a), float(b)) for t, a, b in zip(chunk, c, r, strict=True)}
         _store(ws, values, model_sha, source, max_len)
         refs.update(values)
         done += len(chunk)
-        yield clock.event("train", done, "reference log-probs (adapter off)", unit="pairs")
+        what = "previous round's model" if adapter else "adapter off"
+        yield clock.event("train", done, f"reference log-probs ({what})", unit="pairs")
     return refs
 
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserInputError, WorkspaceError
+from ..validation import check_name
 from ..workspace import Workspace
 
 FINAL_DIR = "final"
@@ -85,8 +86,7 @@ def new_run_name(ws: Workspace) -> str:
 
 
 def create_run(ws: Workspace, name: str, backend: str, settings: dict, base_model: dict) -> Run:
-    if not name or "/" in name or name.startswith("."):
-        raise UserInputError(f"'{name}' is not a valid run name (no slashes, not empty).")
+    check_name("--run", name)
     now = time.time()
     with ws.transaction() as conn:
         if conn.execute("SELECT 1 FROM runs WHERE name = ?", (name,)).fetchone():
@@ -99,6 +99,17 @@ def create_run(ws: Workspace, name: str, backend: str, settings: dict, base_mode
             (name, backend, json.dumps(settings), json.dumps(base_model), now, now),
         )
     return get_run(ws, name)
+
+
+def delete_run(ws: Workspace, run_id: int) -> None:
+    """Remove a run that never trained: its row, its log and its (empty) folder."""
+    import shutil
+
+    rows = ws.query("SELECT name FROM runs WHERE id = ?", (run_id,))
+    with ws.transaction() as conn:
+        conn.execute("DELETE FROM runs WHERE id = ?", (run_id,))
+    if rows:
+        shutil.rmtree(run_dir(ws, rows[0]["name"]), ignore_errors=True)
 
 
 def set_status(ws: Workspace, run_id: int, status: str, summary: dict | None = None) -> None:

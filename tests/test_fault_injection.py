@@ -234,3 +234,54 @@ def test_run_killed_in_every_stage_then_rerun_equals_uninterrupted(tiny_gguf, tm
     assert set(mine) == set(theirs)
     for key in ("pair_accuracy", "mean_margin", "drift"):
         assert report[key] == pytest.approx(ref_report[key], abs=1e-3), key
+
+
+def test_run_killed_inside_round_two_then_rerun_equals_uninterrupted(tiny_gguf, tmp_path):
+    """`run --rounds 2`, killed while round 2 samples its pairs (from base + round 1's LoRA) and again
+    while it trains, then rerun: the same pairs of both rounds, the same round-2 adapter and report."""
+    args = [*RUN_ARGS, "--rounds", "2"]
+    start = tmp_path / "start"
+    ws = Workspace.open(start, create=True)
+    modelsource.set_base_model(ws, str(tiny_gguf))
+    ws.add_context("I am Ana, a pirate fan. Greet me with Ahoy.")
+    ws.add_prompts([f"How do I make dish number {i}?" for i in range(4)])
+    ws.close()
+    ref = _copy_ws(start, tmp_path / "ref")
+    reference = run_to_end(args, _env(ref))
+    pairs2, train2 = "Generating MIPO pairs (round 2 of 2)", "Training round 2"
+    marks = [reference.wait_for(m) for m in (pairs2, train2, "[4/5]")]
+    assert None not in marks, reference.stderr[-2000:]
+    root = _copy_ws(start, tmp_path / "ws")
+    rng = np.random.default_rng(7)
+    for (marker, until), duration in zip(((pairs2, train2), (train2, "[4/5]")), np.diff(marks), strict=True):
+        run = CliRun(args, _env(root)).start()
+        t0 = run.wait_for(marker)
+        assert t0 is not None, run.stderr[-2000:]
+        assert run.kill_at(t0 + float(rng.uniform(0.1, 0.9)) * duration, or_on=until), run.stderr[-1500:]
+        _after_kill_checks(root)
+    final = run_to_end(args, _env(root))
+    assert "[5/5]" in final.stderr
+    _no_temp_files(root)
+
+    def state(where):
+        w = Workspace.open(where)
+        pairs = {
+            r["pair_key"]: (r["round"], r["sampler"], r["chosen"], r["rejected"])
+            for r in w.query("SELECT * FROM pairs")
+        }
+        names = sorted(r.name for r in runs.list_runs(w))
+        adapter = adapter_io.load_adapter(runs.final_dir(w, "run-1-r2") / adapter_io.ADAPTER_FILE).tensors
+        (report,) = w.query("SELECT report FROM evals")
+        return pairs, names, adapter, json.loads(report["report"])
+
+    pairs, names, adapter, report = state(root)
+    ref_pairs, ref_names, ref_adapter, ref_report = state(ref)
+    assert names == ref_names == ["run-1", "run-1-r2"]
+    assert (
+        pairs == ref_pairs and sorted(p[:2] for p in pairs.values()) == [(1, None)] * 8 + [(2, "run-1")] * 8
+    )
+    for name, t in ref_adapter.items():
+        np.testing.assert_allclose(adapter[name].a, t.a, atol=1e-5)
+        np.testing.assert_allclose(adapter[name].b, t.b, atol=1e-5)
+    for key in ("pair_accuracy", "mean_margin", "drift"):
+        assert report[key] == pytest.approx(ref_report[key], abs=1e-3), key

@@ -7,7 +7,7 @@ own questions (mipo_local.relevance: the question-answer PMI per token, under th
 penalty). Penalty settings run through mipo-local's own sampler (mipo_local.engine, batched); DRY, which
 only llama.cpp has (Ollama has none), through llama.cpp's sampler chain, one sequence at a time.
 
-    python bench/decoding.py [--questions 12] [--temperature 0.7] [--max-tokens 192]
+    python bench/decoding.py [--questions 12] [--max-tokens 192] [--variants NAME,NAME]
 """
 
 from __future__ import annotations
@@ -24,20 +24,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality import ALL_PROFILES, QUESTIONS, adherence, degenerate  # noqa: E402
 
 VARIANTS = {
-    "plain": {},
-    "repeat_penalty 1.1": {"repeat": 1.1},
-    "repeat_penalty 1.2": {"repeat": 1.2},
-    "repeat_penalty 1.3": {"repeat": 1.3},
-    "repeat_penalty 1.2, presence 0.3": {"repeat": 1.2, "presence": 0.3},
-    "DRY 0.8 (llama.cpp only)": {"dry": 0.8},
+    "T 0.1 plain": {"temperature": 0.1},
+    "T 0.1, repeat_penalty 1.1": {"temperature": 0.1, "repeat": 1.1},
+    "T 0.1, repeat_penalty 1.2": {"temperature": 0.1, "repeat": 1.2},
+    "T 0.3 plain": {"temperature": 0.3},
+    "T 0.3, repeat_penalty 1.1": {"temperature": 0.3, "repeat": 1.1},
+    "T 0.3, repeat_penalty 1.2": {"temperature": 0.3, "repeat": 1.2},
+    "T 0.7 plain": {"temperature": 0.7},
+    "T 0.7, repeat_penalty 1.1": {"temperature": 0.7, "repeat": 1.1},
+    "T 0.7, repeat_penalty 1.2": {"temperature": 0.7, "repeat": 1.2},
+    "T 0.3, repeat_penalty 1.1, presence 0.3": {"temperature": 0.3, "repeat": 1.1, "presence": 0.3},
+    "T 0.3, DRY 0.8 (llama.cpp only)": {"temperature": 0.3, "dry": 0.8},
 }
 
 
-def engine_answers(eng, cf, context, questions, args, penalties) -> list[str]:
+def engine_answers(eng, cf, context, questions, args, penalties, temperature) -> list[str]:
     from mipo_local.engine import GenRequest
 
     reqs = [
-        GenRequest(cf.prompt_ids(context, q), max_tokens=args.max_tokens, temperature=args.temperature,
+        GenRequest(cf.prompt_ids(context, q), max_tokens=args.max_tokens, temperature=temperature,
                    top_p=0.9, top_k=40, seed=i, id=i, penalties=penalties)
         for i, q in enumerate(questions)
     ]  # fmt: skip
@@ -45,7 +50,7 @@ def engine_answers(eng, cf, context, questions, args, penalties) -> list[str]:
     return [out[i] for i in range(len(questions))]
 
 
-def dry_answers(model_path, cf, context, questions, args, multiplier) -> list[str]:
+def dry_answers(model_path, cf, context, questions, args, multiplier, temperature) -> list[str]:
     """llama.cpp's own chain: DRY (its defaults: base 1.75, allowed length 2, breakers), top-k 40,
     top-p 0.9, temperature, seeded draw."""
     import llama_cpp
@@ -65,7 +70,7 @@ def dry_answers(model_path, cf, context, questions, args, multiplier) -> list[st
             ),
             llama_cpp.llama_sampler_init_top_k(40),
             llama_cpp.llama_sampler_init_top_p(0.9, 1),
-            llama_cpp.llama_sampler_init_temp(args.temperature),
+            llama_cpp.llama_sampler_init_temp(temperature),
             llama_cpp.llama_sampler_init_dist(i),
         ):
             llama_cpp.llama_sampler_chain_add(chain, s)
@@ -89,9 +94,8 @@ def dry_answers(model_path, cf, context, questions, args, multiplier) -> list[st
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--questions", type=int, default=12, help="held-out questions per profile")
-    ap.add_argument("--temperature", type=float, default=0.7)
     ap.add_argument("--max-tokens", type=int, default=192)
-    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names of VARIANTS")
+    ap.add_argument("--variants", default="|".join(VARIANTS), help="'|'-separated names of VARIANTS")
     args = ap.parse_args()
 
     from mipo_local.chat import chat_format
@@ -103,20 +107,21 @@ def main() -> None:
     cf = chat_format(model)
     held = QUESTIONS[24 : 24 + args.questions]
     print(f"Default model prompted with each of {len(ALL_PROFILES)} profiles, {len(held)} held-out questions, "
-          f"temperature {args.temperature}, top-k 40, top-p 0.9, {args.max_tokens} tokens at most.\n")  # fmt: skip
+          f"top-k 40, top-p 0.9, {args.max_tokens} tokens at most.\n")  # fmt: skip
     print("| decoding | looping answers | meets the wish | question-answer PMI / token | seconds |")
     print("|---|---|---|---|---|")
     with Engine(model, n_seq=16, ctx_per_seq=512) as eng:
-        for name in args.variants.split(","):
+        for name in args.variants.split("|"):
             spec = VARIANTS[name]
             t0 = time.monotonic()
             loops, meets, rel = [], [], []
             for prof in ALL_PROFILES:
+                t = spec["temperature"]
                 if "dry" in spec:
-                    answers = dry_answers(model, cf, prof.context, held, args, spec["dry"])
+                    answers = dry_answers(model, cf, prof.context, held, args, spec["dry"], t)
                 else:
                     penalties = Penalties(repeat=spec.get("repeat", 1.0), presence=spec.get("presence", 0.0))
-                    answers = engine_answers(eng, cf, prof.context, held, args, penalties)
+                    answers = engine_answers(eng, cf, prof.context, held, args, penalties, t)
                 loops.append(np.mean([degenerate(a) for a in answers]))
                 meets.append(adherence(prof.check, answers))
                 rel.append(np.mean(relevance(eng, cf, prof.context, held, answers)))

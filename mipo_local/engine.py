@@ -2,7 +2,9 @@
 
 Generation runs several sequences in ONE `llama_decode` call per step (llama.cpp's batch API with one
 sequence id per request, a unified KV cache); finished sequences free their slot for the next request
-(continuous batching). Sampling happens in numpy from the logits with a per-request seeded generator.
+(continuous batching). Requests admitted together with the same prompt (a pair's K candidates) read it
+once, into KV cells their sequences share. Sampling happens in numpy from the logits with a per-request
+seeded generator.
 
 Determinism: the same request list gives the same tokens, call after call (each call starts from an empty
 KV cache). A request's answer does not depend on the other requests' seeds, but llama.cpp's float results
@@ -102,6 +104,11 @@ class _Slot:
     guide_pending: list[int] = field(default_factory=list)
     guide_pos: int = 0
     guide_index: int = -1
+    # Requests admitted with this one that have the same prompts: their prompts are read once, by this
+    # slot's first decode, into cells all of them share (the unified KV cache keeps one copy).
+    followers: list[int] = field(default_factory=list)
+    led: bool = False  # a follower: its first decode is its leader's
+    seq: int = -1
 
 
 # Guided sampling keeps only tokens at least this likely, relative to the best one, under the main prompt:
@@ -143,6 +150,14 @@ def sample_token(
 
 def _guided(req: GenRequest) -> bool:
     return bool(req.guide_prompt) and req.guidance > 0
+
+
+def _same_prompts(a: GenRequest, b: GenRequest) -> bool:
+    return (
+        a.prompt == b.prompt
+        and _guided(a) == _guided(b)
+        and (not _guided(a) or a.guide_prompt == b.guide_prompt)
+    )
 
 
 def _feed(entries: list, tokens: list[int], pos: int, seq: int) -> tuple[int, int]:
@@ -308,27 +323,32 @@ class Engine:
             while queue and free:
                 req = queue.pop()
                 need = len(req.prompt) + (len(req.guide_prompt) if _guided(req) else 0)
-                if need > budget or (_guided(req) and len(free) < 2):
+                width = 2 if _guided(req) else 1
+                if need > budget or len(free) < width:
                     queue.append(req)
                     break
-                seq = free.pop()
-                self._clear(seq)
-                slot = _Slot(req, np.random.default_rng(req.seed), pending=list(req.prompt))
-                if _guided(req):
-                    slot.guide_seq = free.pop()
-                    self._clear(slot.guide_seq)
-                    slot.guide_pending = list(req.guide_prompt)
-                slots[seq] = slot
+                leader = self._admit(req, free, slots)
+                # The next requests with the same prompts (a plan's K candidates) share its prompt read.
+                while queue and len(free) >= width and _same_prompts(queue[-1], req):
+                    slots[leader].followers.append(self._admit(queue.pop(), free, slots, led=True))
                 budget -= need
-            entries: list[tuple[int, int, int, bool]] = []
-            for seq, slot in slots.items():
-                slot.batch_index, slot.pos = _feed(entries, slot.pending, slot.pos, seq)
-                slot.pending = []
+            entries: list[tuple[int, int, int | tuple[int, ...], bool]] = []
+            for slot in slots.values():
+                if slot.led:
+                    continue  # fed by its leader (admitted, and so listed, before it)
+                group = [slot, *(slots[f] for f in slot.followers)]
+                seqs = tuple(s.seq for s in group)
+                index, pos = _feed(entries, slot.pending, slot.pos, seqs[0] if len(seqs) == 1 else seqs)
                 if slot.guide_seq is not None:
-                    slot.guide_index, slot.guide_pos = _feed(
-                        entries, slot.guide_pending, slot.guide_pos, slot.guide_seq
+                    guides = tuple(s.guide_seq for s in group)
+                    g_index, g_pos = _feed(
+                        entries, slot.guide_pending, slot.guide_pos, guides[0] if len(guides) == 1 else guides
                     )
-                    slot.guide_pending = []
+                for s in group:
+                    s.batch_index, s.pos, s.pending, s.led = index, pos, [], False
+                    if s.guide_seq is not None:
+                        s.guide_index, s.guide_pos, s.guide_pending = g_index, g_pos, []
+                slot.followers = []
             self._decode(entries)
             for seq in list(slots):
                 slot = slots[seq]
@@ -357,6 +377,19 @@ class Engine:
                 else:
                     slot.pending = [tok]
                     slot.guide_pending = [tok] if slot.guide_seq is not None else []
+
+    def _admit(self, req: GenRequest, free: list[int], slots: dict, led: bool = False) -> int:
+        """Give `req` a free sequence (two when guided), emptied; returns its sequence id."""
+        seq = free.pop()
+        self._clear(seq)
+        slot = _Slot(req, np.random.default_rng(req.seed), pending=[] if led else list(req.prompt), led=led)
+        slot.seq = seq
+        if _guided(req):
+            slot.guide_seq = free.pop()
+            self._clear(slot.guide_seq)
+            slot.guide_pending = [] if led else list(req.guide_prompt)
+        slots[seq] = slot
+        return seq
 
     def stream(
         self,

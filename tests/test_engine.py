@@ -164,3 +164,29 @@ def test_guidance_raises_the_answers_pointwise_mi(engine, tiny_gguf):
 
     # The tiny random model barely reacts to its system turn (plain PMI ~0.00); guidance still moves it.
     assert mean_pmi(3.0) > mean_pmi(0.0) + 0.1
+
+
+def test_candidates_of_one_prompt_read_it_once(tiny_gguf, monkeypatch):
+    """Four candidates of one prompt (and of one guided prompt pair): the prompts' tokens go through
+    llama_decode once, each candidate keeps its own seeded answer, and a second call gives the same."""
+    cf = chat_format(str(tiny_gguf))
+    prompt, guide = cf.prompt_ids("I am Ana.", "Hi?"), cf.prompt_ids("I am Bo.", "Hi?")
+    reqs = [GenRequest(prompt, max_tokens=10, temperature=0.9, seed=j, id=("plain", j)) for j in range(4)]
+    reqs += [GenRequest(prompt, max_tokens=10, temperature=0.9, seed=j, id=("guided", j), guide_prompt=guide,
+                        guidance=1.0) for j in range(4)]  # fmt: skip
+    read = []
+    with Engine(tiny_gguf, n_seq=12, ctx_per_seq=128, n_threads=2) as engine:
+        decode = engine._lc.llama_decode
+
+        def counting(ctx, batch):
+            read.append(batch.n_tokens)
+            return decode(ctx, batch)
+
+        monkeypatch.setattr(engine._lc, "llama_decode", counting)
+        first = {r.id: r.tokens for r in engine.generate(reqs)}
+        # the first decode reads the plain group's prompt once (4 candidates, 1 read) and the guided group's
+        # prompt and guide once; every later decode carries one token per running sequence
+        assert read[0] == 2 * len(prompt) + len(guide)
+        assert all(n <= 12 for n in read[1:])
+        assert len({tuple(first[("plain", j)]) for j in range(4)}) > 1
+        assert {r.id: r.tokens for r in engine.generate(reqs)} == first

@@ -38,7 +38,7 @@ def pair_attention(module, query, key, value, attention_mask, dropout=0.0, scali
     _, heads, width, dim = query.shape
     gqa = key.shape[1] != heads
     if gqa and query.dtype != torch.float32:
-        # bf16 (session 9, AVX-512): SDPA's grouped path trained 5-12% slower and rounded differently.
+        # bf16 (AVX-512): SDPA's grouped path trained 5-12% slower and rounded differently.
         key, value = (t.repeat_interleave(heads // key.shape[1], dim=1) for t in (key, value))
         gqa = False
     rows = []

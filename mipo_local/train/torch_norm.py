@@ -4,7 +4,7 @@ transformers' `weight * (x * rsqrt(mean(x^2) + eps))` keeps x and the normalized
 makes about six fresh (tokens x hidden) tensors there; each fresh tensor lands on newly faulted pages (the
 backend hands freed memory back to the OS). This node keeps x and the (tokens x 1) scale, takes the sum of
 squares without a squared copy, and computes its input gradient with three fresh tensors. On the default
-model a training pass ran 1.7% faster (session 13, in one process, alternating); the log-probs agree with
+model a training pass ran 1.7% faster (in one process, alternating); the log-probs agree with
 transformers' to float32 rounding (the sum of squares is added up in another order).
 
 Only the norms that compute exactly that (llama, qwen2/3, mistral) and only float32 inputs take this path;

@@ -5,7 +5,7 @@ five fresh tensors of q's size in the forward pass and as many in the backward p
 Fresh tensors land on newly faulted pages (the backend hands freed memory back to the OS), which made these
 small element-wise ops cost far more than their arithmetic. Here the rotation is one product and two
 in-place multiply-adds on the halves, forward and backward: one fresh tensor each way. On the default model
-a training pass ran 2.7% faster (session 13, in one process, alternating); the log-probs agree with
+a training pass ran 2.7% faster (in one process, alternating); the log-probs agree with
 transformers' to float32 rounding (the sums' order is the same, a fused multiply-add may round differently).
 """
 

@@ -79,8 +79,14 @@ class JobRunner(Vertical):
         def control(self) -> JobRunner:
             return self.runner
 
-    def __init__(self, *, id: str | None = None, classes: str | None = None) -> None:
+    SAVED = "Finished work was saved; start it again to continue."
+
+    def __init__(
+        self, *, id: str | None = None, classes: str | None = None, cancelled_note: str = SAVED
+    ) -> None:
+        """`cancelled_note`: what the user reads once a job they cancelled has stopped."""
         super().__init__(id=id, classes=classes)
+        self.cancelled_note = cancelled_note
         self._stop = threading.Event()
         self._user_cancelled = False
         self._worker: Worker | None = None
@@ -179,8 +185,8 @@ class JobRunner(Vertical):
             return
         error = event.worker.error
         if isinstance(error, Cancelled) or event.state == WorkerState.CANCELLED:
-            self.set_status(f"{self._name}: cancelled; finished work was saved.")
-            self.app.notify("Finished work was saved; start it again to continue.", title="Cancelled")
+            self.set_status(f"{self._name}: cancelled. {self.cancelled_note}")
+            self.app.notify(self.cancelled_note, title="Cancelled")
             error = error if isinstance(error, Cancelled) else Cancelled("cancelled")
         elif isinstance(error, MipoError):
             self.set_status(f"{self._name}: stopped.")

@@ -125,6 +125,7 @@ class EvaluateScreen(SectionScreen):
             return
         for row in report_rows(report):
             table.add_row(*row)
+        table.styles.height = table.row_count + 3  # rows, header and border: all of it, no inner scroll
         self.query_one("#eval-explain", Static).update(explanations(report))
         run = runs.get_run(self.ws, report["run"])
         self.query_one(EvalPlot).show(runs.read_log(self.ws, run.id) if run else [], report)

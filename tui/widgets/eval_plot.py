@@ -17,15 +17,19 @@ class EvalPlot(Horizontal):
         curve = self.query_one("#eval-curve", PlotextPlot).plt
         curve.clear_data()
         curve.clear_figure()
-        curve.title("reward accuracy per step")
+        drawn = 0
         for kind, label in (("train", "train"), ("eval", "held-out")):
             points = [(x["step"], x["accuracy"]) for x in log if x["kind"] == kind and "accuracy" in x]
             if points:
                 curve.plot(*zip(*points, strict=True), label=label, marker="braille")
+                drawn += 1
+        curve.title("reward accuracy per step" if drawn else "reward accuracy: the run logged no steps")
         bars = self.query_one("#eval-bars", PlotextPlot).plt
         bars.clear_data()
         bars.clear_figure()
         bars.title("context sensitivity (PMI, nats)")
-        bars.bar(["base", "personalized"], [report["base"]["pmi"], report["personalized"]["pmi"]], width=0.4)
+        values = [report["base"]["pmi"], report["personalized"]["pmi"]]
+        names = [f"{name} {value:+.2f}" for name, value in zip(("base", "personalized"), values, strict=True)]
+        bars.bar(names, values, width=0.4)
         for plot in self.query(PlotextPlot):
             plot.refresh()

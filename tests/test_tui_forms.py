@@ -147,6 +147,8 @@ def test_small_sentences_say_what_is_true(tiny_workspace):
     tiny_workspace.add_context("I am Ana.")
 
     async def scenario(app, pilot):
+        await pilot.press("6", "v")  # evaluate with no export: the library's hint names a CLI command
+        await settle(app, pilot)
         await pilot.press("4", "r")  # resume with no run at all
         await pilot.press("ctrl+c")  # Textual's quit hint
         await pilot.press("question_mark")
@@ -169,6 +171,8 @@ def test_small_sentences_say_what_is_true(tiny_workspace):
     assert "There is no run to resume yet; start one (s)." in messages
     assert "Press ctrl+q to quit." in messages
     assert not any("[b]" in m for m in messages)
+    assert "There is no export to evaluate yet." in messages
+    assert not any("mipo-local " in m or "--" in m for m in messages)  # no CLI instruction in the app
 
 
 def test_onboarding_names_one_size_per_file(ws_dir):

@@ -159,6 +159,29 @@ def test_evaluate_explains_plots_shows_answers_then_blind_ab_on_unseen_prompts(r
     assert blind_ab.win_rate(votes) == sum(score[v["pick"]] for v in votes) / 4
 
 
+def test_stopping_a_chat_answer_says_so_and_keeps_its_text(results_ws):
+    _finish(export(results_ws, None, ExportSettings(adapter_only=True, verify=False)))
+
+    def stop_after_the_first_piece(message):
+        if isinstance(message, JobRunner.Emitted) and isinstance(message.item, tuple):
+            message.runner.cancel()  # what escape does while an answer streams
+
+    async def scenario(app, pilot):
+        await pilot.press("7")
+        app.screen.query_one("#chat-max-tokens", Input).value = "64"
+        app.screen.query_one("#message", Input).focus()
+        await pilot.press(*"hello", "enter")
+        await settle(app, pilot)
+        (answer,) = app.screen.query(".chat-answer")
+        assert str(answer.render()).strip()  # what it wrote before the stop stays on screen
+        status = str(app.screen.query_one("#job-status").render())
+        assert status == "chat: cancelled. The answer was stopped; what it wrote so far stays."
+
+    notes = drive(results_ws.root, scenario, hook=stop_after_the_first_piece)
+    cancelled = [n for n in notes if n.title == "Cancelled"]
+    assert [n.message for n in cancelled] == ["The answer was stopped; what it wrote so far stays."]
+
+
 def test_chat_streams_one_message_then_side_by_side(results_ws):
     _finish(export(results_ws, None, ExportSettings(adapter_only=True, verify=False)))
     said = []

@@ -18,6 +18,7 @@ from mipo_local import modelsource
 from mipo_local.errors import MipoError
 from mipo_local.workspace import Workspace
 
+from .format import error_sentence
 from .screens.chat import ChatScreen
 from .screens.dialogs import ConfirmScreen
 from .screens.evaluate import EvaluateScreen
@@ -153,7 +154,7 @@ class MipoApp(App):
         try:
             return fn(*args, **kwargs)
         except MipoError as err:
-            self.notify(str(err), title=err.title, severity="error", timeout=10)
+            self.notify(error_sentence(err), title=err.title, severity="error", timeout=10)
             return None
 
     def succeeded(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> bool:
@@ -161,7 +162,7 @@ class MipoApp(App):
         try:
             fn(*args, **kwargs)
         except MipoError as err:
-            self.notify(str(err), title=err.title, severity="error", timeout=10)
+            self.notify(error_sentence(err), title=err.title, severity="error", timeout=10)
             return False
         return True
 

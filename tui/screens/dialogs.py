@@ -19,6 +19,8 @@ from textual.widgets import Button, Input, Label, TextArea
 
 from mipo_local.errors import MipoError
 
+from ..format import error_sentence
+
 Check = Callable[[str], Any]
 
 
@@ -64,7 +66,7 @@ class _CheckedDialog(ModalScreen[Any]):
         try:
             result = self.check(text)
         except MipoError as err:
-            self.show_error(str(err))
+            self.show_error(error_sentence(err))
             return
         self.dismiss(result)
 

@@ -22,6 +22,8 @@ from textual.worker import Worker, WorkerState, get_current_worker
 from mipo_local.errors import Cancelled, MipoError
 from mipo_local.progress import Log, Progress, format_eta
 
+from ..format import error_sentence
+
 PENDING_KEY = "tui.interrupted_job"  # workspace config: the job to offer again when the app reopens
 
 
@@ -190,7 +192,7 @@ class JobRunner(Vertical):
             error = error if isinstance(error, Cancelled) else Cancelled("cancelled")
         elif isinstance(error, MipoError):
             self.set_status(f"{self._name}: stopped.")
-            self.app.notify(str(error), title=error.title, severity="error", timeout=10)
+            self.app.notify(error_sentence(error), title=error.title, severity="error", timeout=10)
         else:  # a bug: a readable line on screen, the traceback in the Textual log
             self.set_status(f"{self._name}: failed.")
             self.app.notify(

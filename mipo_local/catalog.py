@@ -31,6 +31,14 @@ class CatalogEntry:
     notes: str = ""
     extra: dict = field(default_factory=dict, compare=False)
 
+    @property
+    def ready_mb(self) -> int:
+        """Megabytes the model takes once ready: its file, or the F16 working copy (2 bytes a parameter)."""
+        if self.prepare != "f16":
+            return self.size_mb
+        number, scale = self.params[:-1], {"M": 1e6, "B": 1e9}[self.params[-1].upper()]
+        return round(float(number) * scale * 2 / 1e6)
+
 
 def catalog_path() -> Path:
     """The installed copy (wheel) or, in a source checkout, models/catalog.toml."""

@@ -276,6 +276,30 @@ def evaluate(
         return report
 
 
+def training_prompts(ws: Workspace, run_name: str) -> set[str]:
+    """The prompt texts of the pairs a run trained on (its split; without one, every pair not held out)."""
+    from .train.loop import SPLIT_FILE
+
+    split = runs.run_dir(ws, run_name) / SPLIT_FILE
+    if split.is_file():
+        ids = set(json.loads(split.read_text())["train"])
+    else:
+        held_path = runs.final_dir(ws, run_name) / "heldout.json"
+        held = {h["pair_id"] for h in json.loads(held_path.read_text())} if held_path.is_file() else set()
+        ids = {r["id"] for r in ws.query("SELECT id FROM pairs")} - held
+    return {r["prompt"].strip() for r in ws.query("SELECT id, prompt FROM pairs") if r["id"] in ids}
+
+
+def unseen_samples(ws: Workspace, report: dict) -> tuple[list[tuple[int, dict]], int]:
+    """The report's sample answers on prompts that no training pair of its run has, word for word, as
+    (position in report["samples"], sample), and how many samples were left out. A held-out pair can share
+    its prompt with a training pair (another context); judging those would reward memory, not fit."""
+    seen = training_prompts(ws, report["run"])
+    samples = report.get("samples") or []
+    kept = [(i, s) for i, s in enumerate(samples) if s["prompt"].strip() not in seen]
+    return kept, len(samples) - len(kept)
+
+
 def save_report(ws: Workspace, report: EvalReport, run) -> Path:
     """Store the report: its row and its files land together (a kill in between leaves neither row nor
     dangling reference; files of an uncommitted id are overwritten by the next report, which gets that id)."""

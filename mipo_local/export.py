@@ -89,6 +89,26 @@ def _recorded(ws, folder: Path) -> bool:
     return bool(rows)
 
 
+def occupied_folder(ws: Workspace, run_name: str | None, settings: ExportSettings) -> Path | None:
+    """The default folder an export of `run_name` with `settings` writes to, when an earlier export lives
+    there (exporting again needs `force`, which replaces it); None when it is free.
+
+    Raises:
+        UserInputError / WorkspaceError: as `export` would (no finished run, unknown quant).
+    """
+    run = runs.require_run(ws, run_name, finished=True)
+    base = Path(run.base_model["path"])
+    if settings.adapter_only:
+        label = "adapter"
+    elif base.is_file():
+        reader = gguf_io.open_reader(base)
+        label = quantize.resolve_quant(settings.quant, sum(int(t.n_elements) for t in reader.tensors))
+    else:
+        return None  # the export itself says the base model is missing
+    out = default_out_dir(ws, run.name, label)
+    return out if out.is_dir() and _recorded(ws, out) else None
+
+
 def _plan(ws, run_name, settings: ExportSettings, out_dir, ollama_name, force) -> _Plan:
     require_int("--threads", settings.threads, 1, THREADS_MAX)
     if ollama_name is not None:

@@ -172,6 +172,31 @@ def _done_keys(ws: Workspace) -> set[str]:
     return {r[0] for r in rows}
 
 
+@dataclass
+class PairsOutlook:
+    """What `generate_pairs` would do with some settings, known before any model loads."""
+
+    todo: int  # pairs it would sample
+    unpaired: int  # (context, prompt) combinations with no pair yet, under any settings
+
+    @property
+    def another_batch(self) -> bool:
+        """Every prompt has its pairs already, yet these settings would sample more (a second batch)."""
+        return self.todo > 0 and self.unpaired == 0
+
+
+def outlook(ws: Workspace, settings: PairSettings) -> PairsOutlook:
+    """Count what `generate_pairs(ws, settings)` would sample. Raises what planning raises."""
+    validate(settings)
+    plans = plan_pairs(ws, settings)
+    done = _done_keys(ws)
+    have = {(r["context"], r["prompt"]) for r in ws.query("SELECT context, prompt FROM pairs")}
+    return PairsOutlook(
+        todo=sum(p.key not in done for p in plans),
+        unpaired=len({(p.context, p.prompt) for p in plans} - have),
+    )
+
+
 def _revisit_skips(ws: Workspace, keys: set[str], min_pmi: float | None) -> int:
     """Pairs an earlier --min-pmi dropped that this threshold keeps come back from their stored text (no
     sampling); a drop recorded without its text is forgotten, so the pair is sampled again. Returns how

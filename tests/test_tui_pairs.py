@@ -91,6 +91,8 @@ def test_closing_mid_job_offers_to_continue_then_shows_and_deletes_pairs(tiny_wo
         first = tiny_workspace.query("SELECT * FROM pairs ORDER BY id LIMIT 1")[0]
         assert first["context"] in shown and first["neg_context"] in shown and "PMI margin" in shown
         await pilot.press("d")
+        assert type(app.screen).__name__ == "ConfirmScreen"
+        await pilot.press("y")
         await pilot.pause()
         assert table.row_count == 19
 

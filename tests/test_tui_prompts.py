@@ -29,6 +29,10 @@ def test_import_add_search_filter_delete(tiny_workspace, tmp_path):
             await pilot.press("i")
             app.screen.query_one(Input).value = str(path)
             await pilot.press("enter")
+        # The broken file's error stays in the open dialog, beside its path.
+        error = str(app.screen.query_one("#dialog-error").render())
+        assert f"{jsonl}: line 2 is not valid JSON" in error
+        await pilot.press("escape")
         await pilot.press("a")
         app.screen.query_one(TextArea).text = "What should I cook tonight?\nWhere can I swim near Lyon?\n"
         await pilot.press("ctrl+s")
@@ -59,4 +63,4 @@ def test_import_add_search_filter_delete(tiny_workspace, tmp_path):
     messages = [n.message for n in notes]
     assert "Added 2 prompts from markdown." in messages
     assert "Added 1 prompt (1 duplicate skipped)." in messages
-    assert any(n.severity == "error" and f"{jsonl}: line 2 is not valid JSON" in n.message for n in notes)
+    assert not [n for n in notes if n.severity == "error"]

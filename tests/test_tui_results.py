@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
-from textual.widgets import Input, Static, TextArea
+from textual.widgets import DataTable, Input, Static, TextArea
+from textual_plotext import PlotextPlot
 
 from mipo_local import modelsource
 from mipo_local.export import export, list_exports
+from mipo_local.pairs_store import list_pairs
+from mipo_local.progress import Log
 from mipo_local.settings import ExportSettings
+from mipo_local.train import runs
 from mipo_local.workspace import Workspace
 from tests.exporthelp import make_finished_run
 from tests.test_tui_core import drive, settle
+from tests.trainhelp import insert_pairs
 from tui import blind_ab
+from tui.widgets.job_runner import JobRunner
 
 
 def _finish(gen):
@@ -58,15 +65,50 @@ def test_export_shows_files_fidelity_and_commands(results_ws):
         assert f"--lora {exported.path}" in commands
         assert f"ollama create mipo-run-1 -f {exported.info['modelfile']}" in commands
         assert "ollama run mipo-run-1" in commands
+        await pilot.press("x")  # the same export again: its folder is taken
+        assert type(app.screen).__name__ == "ConfirmScreen"
+        question = str(app.screen.query_one("Label").render())
+        assert question.startswith("An export of this run with these settings is already in ")
+        assert question.endswith("run-1-adapter. Replace it?")
+        await pilot.press("y")
+        await settle(app, pilot)
 
     notes = drive(results_ws.root, scenario)
-    (exported,) = list_exports(results_ws)
+    (exported,) = list_exports(results_ws)  # replaced, not added
     assert exported.kind == "adapter" and exported.info["fidelity"]["ok"]
-    assert any(n.message.startswith("Exported to ") for n in notes)
+    assert len([n for n in notes if n.message.startswith("Exported to ")]) == 2
+    assert not any("--force" in n.message for n in notes)
 
 
-def test_evaluate_then_blind_ab_keeps_the_users_win_rate(results_ws):
+def test_export_remembers_the_ollama_name(results_ws):
+    async def type_name(app, pilot):
+        await pilot.press("5")
+        app.screen.query_one("#ollama-name", Input).focus()
+        await pilot.press(*"ana-chef")
+
+    async def reopen(app, pilot):
+        await pilot.press("5")
+        assert app.screen.query_one("#ollama-name", Input).value == "ana-chef"
+
+    drive(results_ws.root, type_name)
+    drive(results_ws.root, reopen)
+
+
+def _train_on_a_held_out_prompt(ws) -> str:
+    """A training pair (another context) with the prompt of a held-out pair, as the run's split says."""
+    prompt = ws.query("SELECT prompt FROM pairs ORDER BY id LIMIT 1")[0]["prompt"]
+    held = [p.id for p in list_pairs(ws)]
+    insert_pairs(ws, [(prompt, "Ahoy! Rice.", "Rice.")], context="I am Bo, a pilot.")
+    trained = [p.id for p in list_pairs(ws) if p.id not in held]
+    split = runs.run_dir(ws, "run-1") / "split.json"
+    split.write_text(json.dumps({"train": trained, "heldout": held}))
+    return prompt
+
+
+def test_evaluate_explains_plots_shows_answers_then_blind_ab_on_unseen_prompts(results_ws):
     _finish(export(results_ws, None, ExportSettings(adapter_only=True, verify=False)))
+    trained_prompt = _train_on_a_held_out_prompt(results_ws)
+    judged = []
 
     async def scenario(app, pilot):
         await pilot.press("6")
@@ -75,30 +117,78 @@ def test_evaluate_then_blind_ab_keeps_the_users_win_rate(results_ws):
         await settle(app, pilot)
         title = str(app.screen.query_one("#eval-title", Static).render())
         assert "on 4 held-out pairs" in title
-        assert app.screen.query_one("#eval-table").row_count == 5
+        table = app.screen.query_one("#eval-table", DataTable)
+        assert table.row_count == 5
+        base_cells = [str(table.get_row_at(i)[1]) for i in range(table.row_count)]
+        assert all(cell.strip() for cell in base_cells) and base_cells.count("- (reference)") == 3
+        explained = str(app.screen.query_one("#eval-explain", Static).render())
+        for term in ("Held-out pair accuracy:", "Context sensitivity (PMI):", "Drift:", "- (reference):"):
+            assert term in explained
+        bars = app.screen.query_one("#eval-bars", PlotextPlot)
+        assert "personalized" in str(bars.render()) and "context sensitivity" in str(bars.render())
+        samples = app.screen.query(".sample-prompt")
+        assert len(samples) == 3 and all(trained_prompt not in str(s.render()) for s in samples)
+        note = str(app.screen.query_one("#eval-samples-title", Static).render())
+        assert "3 such prompts, 1 left out that share a training prompt" in note
         await pilot.press("b")
         screen = app.screen
         assert type(screen).__name__ == "BlindABScreen"
+        disjoint = str(screen.query_one("#ab-disjoint", Static).render())
+        assert disjoint == (
+            "3 held-out prompts, none of them the prompt of a training pair "
+            "(1 left out: the model trained on the same prompt)."
+        )
         trial = screen.trial
         shown_a = str(screen.query_one("#ab-a", Static).render())
         sample = blind_ab.latest_report(results_ws)["samples"][trial.index]
         assert shown_a.strip() == sample[trial.sources[0]].strip()[: len(shown_a.strip())]
-        await pilot.press("a")
-        second = screen.trial
-        await pilot.press("t", "escape")
+        judged.append(trial.prompt)
+        for key in "atat":  # more votes than unseen prompts: the draw cycles through them only
+            await pilot.press(key)
+            judged.append(screen.trial.prompt)
+        await pilot.press("escape")
         await pilot.pause()
-        return trial, second
 
     drive(results_ws.root, scenario)
+    assert trained_prompt not in judged and len(set(judged)) == 3
     report = blind_ab.latest_report(results_ws)
     votes = blind_ab.votes(results_ws, report["export_id"])
-    assert len(votes) == 2 and votes[1]["pick"] == "tie" and votes[0]["pick"] in ("personalized", "base")
-    expected = 0.75 if votes[0]["pick"] == "personalized" else 0.25
-    assert blind_ab.win_rate(votes) == expected
+    assert len(votes) == 4 and votes[1]["pick"] == "tie" and votes[0]["pick"] in ("personalized", "base")
+    assert all(v["prompt"] != trained_prompt for v in votes)
+    score = {"personalized": 1.0, "tie": 0.5, "base": 0.0}
+    assert blind_ab.win_rate(votes) == sum(score[v["pick"]] for v in votes) / 4
+
+
+def test_stopping_a_chat_answer_says_so_and_keeps_its_text(results_ws):
+    _finish(export(results_ws, None, ExportSettings(adapter_only=True, verify=False)))
+
+    def stop_after_the_first_piece(message):
+        if isinstance(message, JobRunner.Emitted) and isinstance(message.item, tuple):
+            message.runner.cancel()  # what escape does while an answer streams
+
+    async def scenario(app, pilot):
+        await pilot.press("7")
+        app.screen.query_one("#chat-max-tokens", Input).value = "64"
+        app.screen.query_one("#message", Input).focus()
+        await pilot.press(*"hello", "enter")
+        await settle(app, pilot)
+        (answer,) = app.screen.query(".chat-answer")
+        assert str(answer.render()).strip()  # what it wrote before the stop stays on screen
+        status = str(app.screen.query_one("#job-status").render())
+        assert status == "chat: cancelled. The answer was stopped; what it wrote so far stays."
+
+    notes = drive(results_ws.root, scenario, hook=stop_after_the_first_piece)
+    cancelled = [n for n in notes if n.title == "Cancelled"]
+    assert [n.message for n in cancelled] == ["The answer was stopped; what it wrote so far stays."]
 
 
 def test_chat_streams_one_message_then_side_by_side(results_ws):
     _finish(export(results_ws, None, ExportSettings(adapter_only=True, verify=False)))
+    said = []
+
+    def status_lines(message):
+        if isinstance(message, JobRunner.Emitted) and isinstance(message.item, Log):
+            said.append(message.item.message)
 
     async def scenario(app, pilot):
         await pilot.press("7")
@@ -116,4 +206,6 @@ def test_chat_streams_one_message_then_side_by_side(results_ws):
         assert len(app.screen.query(".chat-answer")) == 3
         assert app.screen.sessions["base"].model.label == "base"
 
-    drive(results_ws.root, scenario)
+    drive(results_ws.root, scenario, hook=status_lines)
+    # The hook sees a message at each node it bubbles through: one line per model, in order.
+    assert list(dict.fromkeys(said)) == ["export #1 loaded for the personalized side.", "base model loaded."]

@@ -78,3 +78,26 @@ def test_train_cancel_resume_and_plot(tiny_workspace):
     assert steps == [1, 2, 3]
     assert any(n.title == "Cancelled" for n in notes)
     assert any("Run run-1 finished: 3 steps on 5 pairs" in n.message for n in notes)
+
+
+def test_after_a_restart_the_screen_shows_the_last_run_with_curves(tiny_workspace):
+    tiny_workspace.add_context("I am Ana.")
+    model = {"path": "tiny.gguf"}
+    done = runs.create_run(tiny_workspace, "run-1", "torch", {}, model)
+    for step, loss in ((1, 0.69), (2, 0.52), (3, 0.41)):
+        runs.log(tiny_workspace, done.id, step, "train", {
+            "loss": loss, "margin": 0.1 * step, "accuracy": 0.5, "tokens_per_s": 100.0,
+        })  # fmt: skip
+    runs.set_status(tiny_workspace, done.id, "finished", {"steps": 3})
+    stopped = runs.create_run(tiny_workspace, "run-2", "torch", {}, model)  # stopped before a step
+    runs.set_status(tiny_workspace, stopped.id, "cancelled")
+
+    async def scenario(app, pilot):
+        await pilot.press("4")
+        await pilot.pause()
+        line = str(app.screen.query_one("#run-state", Static).render())
+        assert line.startswith("run-1: finished · step 3/? · loss 0.4100")
+        plot = str(app.screen.query_one("#plot-loss").render())
+        assert "train" in plot and "0.69" in plot  # the curve is drawn, with its axis labels
+
+    drive(tiny_workspace.root, scenario)

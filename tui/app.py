@@ -18,6 +18,7 @@ from mipo_local import modelsource
 from mipo_local.errors import MipoError
 from mipo_local.workspace import Workspace
 
+from .format import error_sentence
 from .screens.chat import ChatScreen
 from .screens.dialogs import ConfirmScreen
 from .screens.evaluate import EvaluateScreen
@@ -32,6 +33,17 @@ from .sections import SECTIONS
 from .widgets.job_runner import PENDING_KEY
 
 T = TypeVar("T")
+
+# Palette commands found from every section: (title, help, section, action of that section's screen).
+EVERYWHERE = [
+    ("Import a context from a file", "Profile: read a UTF-8 text file", "profile", "import_file"),
+    (
+        "Import prompts from a file",
+        "Prompts: text, Markdown, JSONL or ChatGPT export",
+        "prompts",
+        "import_file",
+    ),
+]
 
 SCREENS_BY_MODE: dict[str, type[Screen]] = {
     "profile": ProfileScreen,
@@ -106,6 +118,15 @@ class MipoApp(App):
         if not isinstance(self.screen, HelpScreen):
             self.push_screen(HelpScreen())
 
+    def action_help_quit(self) -> None:
+        # ctrl+c: Textual's own hint is markup, and this app's notifications are plain text.
+        self.notify("Press ctrl+q to quit.", title="Do you want to quit?")
+
+    def run_in_section(self, mode: str, action: str) -> None:
+        """Open a section and run one of its screen's actions there (a palette command from elsewhere)."""
+        self.switch_mode(mode)
+        self.call_after_refresh(lambda: getattr(self.screen, f"action_{action}")())
+
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
         yield from super().get_system_commands(screen)
         for key, mode, title in SECTIONS:
@@ -113,6 +134,9 @@ class MipoApp(App):
                 f"Go to {title}", f"Open the {title} section (key {key})", partial(self.action_go, mode)
             )
         yield SystemCommand("Help", "The journey and the keys", self.action_help)
+        for title, help_text, mode, action in EVERYWHERE:
+            if not isinstance(screen, SCREENS_BY_MODE[mode]):  # there, the screen offers it itself
+                yield SystemCommand(title, help_text, partial(self.run_in_section, mode, action))
         commands = getattr(screen, "palette_commands", None)
         if commands:
             yield from commands()
@@ -130,7 +154,7 @@ class MipoApp(App):
         try:
             return fn(*args, **kwargs)
         except MipoError as err:
-            self.notify(str(err), title=err.title, severity="error", timeout=10)
+            self.notify(error_sentence(err), title=err.title, severity="error", timeout=10)
             return None
 
     def succeeded(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> bool:
@@ -138,7 +162,7 @@ class MipoApp(App):
         try:
             fn(*args, **kwargs)
         except MipoError as err:
-            self.notify(str(err), title=err.title, severity="error", timeout=10)
+            self.notify(error_sentence(err), title=err.title, severity="error", timeout=10)
             return False
         return True
 

@@ -1,7 +1,7 @@
 """Blind A/B bookkeeping: the latest evaluation's answers in a hidden random order, and the user's votes.
 
 The answers are the ones `mipo-local eval` sampled on held-out prompts from the exported model and from the
-base (report.samples). Votes live in the workspace config, per export, so the win rate survives restarts.
+base (report.samples), kept only where no training pair has the same prompt (evaluate.unseen_samples). Votes live in the workspace config, per export, so the win rate survives restarts.
 """
 
 from __future__ import annotations
@@ -51,12 +51,11 @@ def win_rate(votes_: list[dict]) -> float | None:
     return score / len(votes_)
 
 
-def next_trial(report: dict, done: int, rng: random.Random) -> Trial | None:
-    """The next sample to judge (cycling through them) with its answers in a random order."""
-    samples = report.get("samples") or []
+def next_trial(samples: list[tuple[int, dict]], done: int, rng: random.Random) -> Trial | None:
+    """The next of `samples` ((position in the report, sample), as evaluate.unseen_samples gives them) to
+    judge, cycling through them, with its answers in a random order."""
     if not samples:
         return None
-    index = done % len(samples)
-    s = samples[index]
+    index, s = samples[done % len(samples)]
     sources = ("personalized", "base") if rng.random() < 0.5 else ("base", "personalized")
     return Trial(index, s["context"], s["prompt"], (s[sources[0]], s[sources[1]]), sources)

@@ -22,9 +22,11 @@ class BlindABScreen(ModalScreen[None]):
         Binding("escape,q", "dismiss_none", "Close"),
     ]
 
-    def __init__(self, report: dict, seed: int | None = None) -> None:
+    def __init__(self, report: dict, samples: list[tuple[int, dict]], left_out: int, seed: int | None = None):
+        """`samples`: the report's answers on prompts unseen in training; `left_out`: how many were not."""
         super().__init__()
         self.report = report
+        self.samples, self.left_out = samples, left_out
         self.export_id = report["export_id"]
         self.rng = random.Random(seed)
         self.trial: blind_ab.Trial | None = None
@@ -32,6 +34,7 @@ class BlindABScreen(ModalScreen[None]):
     def compose(self) -> ComposeResult:
         with VerticalScroll(id="blind-ab", classes="dialog dialog-wide"):
             yield Static(id="ab-score")
+            yield Static(self._disjoint_note(), id="ab-disjoint", classes="section-hint", markup=False)
             yield Static(id="ab-prompt")
             with Horizontal(id="ab-sides"):
                 with Vertical(classes="pair-side"):
@@ -42,6 +45,13 @@ class BlindABScreen(ModalScreen[None]):
                     yield Static(id="ab-b", classes="pair-text")
             yield Static(id="ab-last")
         yield Footer()
+
+    def _disjoint_note(self) -> str:
+        kept = len(self.samples)
+        note = f"{kept} held-out prompt{'' if kept == 1 else 's'}, none of them the prompt of a training pair"
+        if self.left_out:
+            note += f" ({self.left_out} left out: the model trained on the same prompt)"
+        return note + "."
 
     def on_mount(self) -> None:
         self._next()
@@ -55,7 +65,7 @@ class BlindABScreen(ModalScreen[None]):
             else f"personalized wins {100 * rate:.0f}% of your {len(mine)} votes"
         )
         self.query_one("#ab-score", Static).update(f"[b]Blind A/B[/], export #{self.export_id}: {score}")
-        self.trial = blind_ab.next_trial(self.report, len(mine), self.rng)
+        self.trial = blind_ab.next_trial(self.samples, len(mine), self.rng)
         t = self.trial
         self.query_one("#ab-prompt", Static).update(
             f"[dim]Context:[/] {escape(t.context)}\n[b]Prompt:[/] {escape(t.prompt)}"

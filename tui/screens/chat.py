@@ -21,6 +21,15 @@ from .section import SectionScreen
 DEFAULT_MAX_TOKENS = ChatSession.__dataclass_fields__["max_tokens"].default
 
 
+def _loaded(side: str, model: str) -> str:
+    """The status line once a side's model is open."""
+    if side == "base":
+        return "base model loaded."
+    if model == "base":
+        return "no export yet: the personalized side answers with the base model."
+    return f"{model} loaded for the personalized side."
+
+
 class ChatScreen(SectionScreen):
     SECTION = "chat"
     AUTO_FOCUS = "#message"
@@ -43,7 +52,7 @@ class ChatScreen(SectionScreen):
             yield Label("max tokens")
             yield Input(str(DEFAULT_MAX_TOKENS), type="integer", id="chat-max-tokens", compact=True)
         yield VerticalScroll(id="transcript")
-        yield JobRunner(id="chat-job")
+        yield JobRunner(id="chat-job", cancelled_note="The answer was stopped; what it wrote so far stays.")
         yield Input(placeholder="Message (Enter to send)", id="message")
 
     def on_mount(self) -> None:
@@ -101,7 +110,7 @@ class ChatScreen(SectionScreen):
             if session is None:
                 session = self._open(ws, label)
                 self.sessions[label] = session
-                yield Log("chat", f"{label}: {session.model.label}")
+                yield Log("chat", _loaded(label, session.model.label))
             session.max_tokens = max_tokens
             for piece in session.reply(text):
                 yield (label, piece)

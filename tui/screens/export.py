@@ -9,12 +9,16 @@ from textual.containers import Horizontal
 from textual.widgets import Button, Checkbox, Input, Label, Select, TextArea
 
 from mipo_local import modelsource
+from mipo_local.errors import MipoError
 from mipo_local.settings import QUANT_TYPES, ExportSettings, with_overrides
 from mipo_local.train import runs
 
 from ..widgets.export_summary import ExportSummary
 from ..widgets.job_runner import JobRunner
+from .dialogs import ConfirmScreen
 from .section import SectionScreen
+
+OLLAMA_NAME_KEY = "tui.ollama_name"  # workspace config: the Ollama name last typed here
 
 
 class ExportScreen(SectionScreen):
@@ -41,11 +45,20 @@ class ExportScreen(SectionScreen):
             yield Checkbox("adapter only", defaults.adapter_only, id="adapter-only", compact=True)
         with Horizontal(classes="form-row"):
             yield Label("Ollama name")
-            yield Input(placeholder="optional: also `ollama create` it", id="ollama-name", compact=True)
+            yield Input(
+                self.ws.get_config(OLLAMA_NAME_KEY) or "",
+                placeholder="optional: also `ollama create` it",
+                id="ollama-name",
+                compact=True,
+            )
             yield Checkbox("replace", False, id="force", compact=True)
             yield Button("Export", variant="primary", id="export", compact=True)
         yield JobRunner(id="export-job")
         yield ExportSummary(id="export-summary")
+
+    @on(Input.Changed, "#ollama-name")
+    def ollama_name_changed(self, event: Input.Changed) -> None:
+        self.ws.set_config(OLLAMA_NAME_KEY, event.value.strip() or None)
 
     def reload(self) -> None:
         from mipo_local.export import list_exports
@@ -64,7 +77,7 @@ class ExportScreen(SectionScreen):
 
     @on(Button.Pressed, "#export")
     def action_export(self) -> None:
-        from mipo_local.export import export
+        from mipo_local.export import export, occupied_folder
 
         run_name = self.query_one("#run", Select).selection  # None: the latest finished run
         settings = with_overrides(
@@ -73,9 +86,27 @@ class ExportScreen(SectionScreen):
             adapter_only=self.query_one("#adapter-only", Checkbox).value,
         )
         name = self.query_one("#ollama-name", Input).value.strip() or None
-        force = self.query_one("#force", Checkbox).value
         ws = self.ws
-        self.query_one(JobRunner).start("export", lambda: export(ws, run_name, settings, None, name, force))
+
+        def start(force: bool) -> None:
+            self.query_one(JobRunner).start(
+                "export", lambda: export(ws, run_name, settings, None, name, force)
+            )
+
+        if self.query_one("#force", Checkbox).value:
+            start(True)
+            return
+        try:
+            folder = occupied_folder(ws, run_name, settings)
+        except MipoError:
+            folder = None  # the job reports the same error in its own words
+        if folder is None:
+            start(False)
+            return
+        self.app.push_screen(
+            ConfirmScreen(f"An export of this run with these settings is already in {folder}. Replace it?"),
+            lambda yes: yes and start(True),
+        )
 
     @on(JobRunner.Finished)
     def exported(self, message: JobRunner.Finished) -> None:

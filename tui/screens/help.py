@@ -25,7 +25,7 @@ them with DPO, and the result is exported as a GGUF for llama.cpp or Ollama. Not
 
 | key | what it does |
 |---|---|
-| `1`..`9` | go to a section |
+| `1`..`{last}` | go to a section |
 | `?` / `f1` | this help |
 | `ctrl+p` | command palette (every section and action by name) |
 | `ctrl+q` | quit: a running job stops after its current step and is offered again next time |
@@ -52,5 +52,5 @@ class HelpScreen(ModalScreen[None]):
     def compose(self) -> ComposeResult:
         sections = "\n".join(f"- `{key}` **{title}**: {WHAT.get(mode, '')}" for key, mode, title in SECTIONS)
         with VerticalScroll(id="help"):
-            yield Markdown(HELP.format(sections=sections))
+            yield Markdown(HELP.format(sections=sections, last=SECTIONS[-1][0]))
         yield Footer()

@@ -12,6 +12,11 @@ from textual.widgets.option_list import Option
 from mipo_local import catalog
 
 
+def _size(e: catalog.CatalogEntry) -> str:
+    ready = f" ({e.ready_mb} MB as F16)" if e.ready_mb != e.size_mb else ""
+    return f"{e.size_mb} MB{ready}"
+
+
 class ModelPickerScreen(ModalScreen[str | None]):
     """Dismisses with a model spec (as `mipo-local init --model` takes it), or None."""
 
@@ -24,7 +29,7 @@ class ModelPickerScreen(ModalScreen[str | None]):
             yield OptionList(
                 *(
                     Option(
-                        f"{e.name}  [dim]{e.architecture} · {e.params} · {e.size_mb} MB · {e.license}"
+                        f"{e.name}  [dim]{e.architecture} · {e.params} · {_size(e)} · {e.license}"
                         f"{' · default' if e.default else ''}[/]",
                         id=e.id,
                     )

@@ -8,7 +8,7 @@ from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
 from textual.widgets import Button, ContentSwitcher, Footer, Label, Static, TextArea
 
-from mipo_local import modelsource
+from mipo_local import catalog, modelsource
 from mipo_local.synth import synthesize_prompts
 
 from ..widgets.job_runner import JobRunner
@@ -29,7 +29,7 @@ class OnboardingScreen(Screen[None]):
                 yield Label("1/3  The base model: the small local model you will personalize.")
                 yield Static(id="model-state")
                 with Horizontal(classes="buttons"):
-                    yield Button("Keep it / use the default", variant="primary", id="model-keep")
+                    yield Button("Use the default", variant="primary", id="model-keep")
                     yield Button("Choose another...", id="model-pick")
             with Vertical(id="step-context", classes="step"):
                 yield Label(
@@ -55,13 +55,19 @@ class OnboardingScreen(Screen[None]):
 
     def _show_model(self) -> None:
         ws = self.app.ws
-        if ws.get_config(modelsource.CONFIG_KEY) is None:
-            text = (
-                "None yet. The embedded default, SmolLM2-135M-Instruct, is ready to prepare (once, ~270 MB)."
-            )
-        else:
+        chosen = ws.get_config(modelsource.CONFIG_KEY) is not None
+        if chosen:
             text = model_summary(ws)
+        else:
+            e = catalog.default_entry()
+            text = f"None yet. The embedded default is {e.name} ({e.size_mb} MB, shipped with mipo-local)"
+            text += (
+                f"; it is prepared once as a {e.ready_mb} MB F16 working copy."
+                if e.ready_mb != e.size_mb
+                else "."
+            )
         self.query_one("#model-state", Static).update(text)
+        self.query_one("#model-keep", Button).label = "Keep it" if chosen else "Use the default"
 
     def _go(self, step: str) -> None:
         self.query_one("#steps", ContentSwitcher).current = step

@@ -11,11 +11,13 @@ from textual.containers import Horizontal
 from textual.widgets import Button, DataTable, Input, Label, Select
 
 from mipo_local import pairs_store
-from mipo_local.pairs import generate_pairs, regenerate_pair
+from mipo_local.errors import MipoError
+from mipo_local.pairs import generate_pairs, outlook, regenerate_pair
 from mipo_local.settings import NEGATIVE_STRATEGIES, PairSettings, with_overrides
 
-from ..format import one_line
+from ..format import one_line, plural
 from ..widgets.job_runner import JobRunner
+from .dialogs import ConfirmScreen
 from .pair_detail import PairDetailScreen
 from .section import SectionScreen
 
@@ -82,8 +84,27 @@ class PairsScreen(SectionScreen):
     @on(Button.Pressed, "#generate")
     def action_generate(self) -> None:
         settings = self.settings_from_form()
-        if settings is not None:
+        if settings is None:
+            return
+        try:
+            another = outlook(self.ws, settings)
+        except MipoError:
+            another = None  # the job reports the same error when it plans
+        if another is None or not another.another_batch:
             self._start(settings)
+            return
+
+        def answered(yes: bool | None) -> None:
+            if yes:
+                self._start(settings)
+
+        self.app.push_screen(
+            ConfirmScreen(
+                f"Every prompt already has its pairs. Sample another batch of {plural(another.todo, 'pair')} "
+                "with these settings?"
+            ),
+            answered,
+        )
 
     def _start(self, settings: PairSettings) -> None:
         ws = self.ws
@@ -157,9 +178,12 @@ class PairsScreen(SectionScreen):
             self._delete(pair_id)
 
     def _delete(self, pair_id: int) -> None:
-        if self.app.succeeded(pairs_store.remove_pair, self.ws, pair_id):
-            self.reload()
-            self.notify(f"Deleted pair {pair_id}.")
+        def answered(yes: bool | None) -> None:
+            if yes and self.app.succeeded(pairs_store.remove_pair, self.ws, pair_id):
+                self.reload()
+                self.notify(f"Deleted pair {pair_id}.")
+
+        self.app.push_screen(ConfirmScreen(f"Delete pair {pair_id}?"), answered)
 
     def palette_commands(self):
         yield SystemCommand(

@@ -10,6 +10,7 @@ from textual.binding import Binding
 from textual.widgets import DataTable, Label
 
 from mipo_local import modelsource
+from mipo_local.errors import UserInputError
 from mipo_local.prompts_import import read_text_file
 
 from ..format import one_line
@@ -59,13 +60,16 @@ class ProfileScreen(SectionScreen):
         return int(table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value)
 
     def action_add(self) -> None:
-        def save(text: str | None) -> None:
-            if text is not None and self.app.attempt(self.ws.add_context, text) is not None:
+        def added(context) -> None:
+            if context is not None:
                 self.reload()
                 self.notify("Context added.")
 
         self.app.push_screen(
-            EditTextScreen("A new context: who you are, what you like, how you want answers."), save
+            EditTextScreen(
+                "A new context: who you are, what you like, how you want answers.", check=self.ws.add_context
+            ),
+            added,
         )
 
     def action_edit(self) -> None:
@@ -74,12 +78,15 @@ class ProfileScreen(SectionScreen):
             return
         current = next(c.text for c in self.ws.contexts() if c.id == context_id)
 
-        def save(text: str | None) -> None:
-            if text is not None:
-                self.app.succeeded(self.ws.update_context, context_id, text)
+        def save(text: str) -> bool:
+            self.ws.update_context(context_id, text)
+            return True
+
+        def saved(done: bool | None) -> None:
+            if done:
                 self.reload()
 
-        self.app.push_screen(EditTextScreen(f"Edit context {context_id}", current), save)
+        self.app.push_screen(EditTextScreen(f"Edit context {context_id}", current, check=save), saved)
 
     def action_delete(self) -> None:
         context_id = self._selected_id()
@@ -96,16 +103,19 @@ class ProfileScreen(SectionScreen):
         )
 
     def action_import_file(self) -> None:
-        def chosen(path: str | None) -> None:
-            if not path:
-                return
-            text = self.app.attempt(read_text_file, Path(path).expanduser())
-            if text is not None and self.app.attempt(self.ws.add_context, text) is not None:
+        def read(path: str):
+            if not path.strip():
+                raise UserInputError("Type the path of a UTF-8 text file.")
+            return path, self.ws.add_context(read_text_file(Path(path.strip()).expanduser()))
+
+        def imported(outcome) -> None:
+            if outcome is not None:
                 self.reload()
-                self.notify(f"Context imported from {path}.")
+                self.notify(f"Context imported from {outcome[0].strip()}.")
 
         self.app.push_screen(
-            AskScreen("Import a context from a UTF-8 text file:", placeholder="~/me.txt"), chosen
+            AskScreen("Import a context from a UTF-8 text file:", placeholder="~/me.txt", check=read),
+            imported,
         )
 
     def action_change_model(self) -> None:

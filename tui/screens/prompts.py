@@ -10,8 +10,10 @@ from textual.binding import Binding
 from textual.containers import Horizontal
 from textual.widgets import DataTable, Input, Select
 
+from mipo_local.errors import UserInputError
 from mipo_local.prompts_import import parse_prompts
-from mipo_local.synth import synthesize_prompts
+from mipo_local.synth import N_RANGE, synthesize_prompts
+from mipo_local.validation import require_int
 
 from ..format import one_line, plural
 from ..widgets.job_runner import JobRunner
@@ -64,29 +66,33 @@ class PromptsScreen(SectionScreen):
         self.query_one("#search", Input).focus()
 
     def action_add(self) -> None:
-        def save(text: str | None) -> None:
-            lines = [ln for ln in (text or "").splitlines() if ln.strip()]
-            if lines:
-                self._added(self.app.attempt(self.ws.add_prompts, lines))
+        def add(text: str):
+            lines = [ln for ln in text.splitlines() if ln.strip()]
+            if not lines:
+                raise UserInputError("Type at least one prompt, one per line.")
+            return self.ws.add_prompts(lines)
 
-        self.app.push_screen(EditTextScreen("New prompts, one per line:"), save)
+        self.app.push_screen(EditTextScreen("New prompts, one per line:", check=add), self._added)
 
     def action_import_file(self) -> None:
-        def chosen(path: str | None) -> None:
-            if not path:
-                return
-            parsed = self.app.attempt(parse_prompts, Path(path).expanduser())
-            if parsed is not None:
-                texts, fmt = parsed
-                self._added(self.app.attempt(self.ws.add_prompts, texts, source="import"), f" from {fmt}")
+        def read(path: str):
+            if not path.strip():
+                raise UserInputError("Type the path of a file of prompts.")
+            texts, fmt = parse_prompts(Path(path.strip()).expanduser())
+            return self.ws.add_prompts(texts, source="import"), fmt
+
+        def imported(outcome) -> None:
+            if outcome is not None:
+                self._added(outcome[0], f" from {outcome[1]}")
 
         self.app.push_screen(
             AskScreen(
                 "Import prompts: a text file (one per line), a Markdown list, JSONL with a `prompt` field, "
                 "or a ChatGPT conversations.json:",
                 placeholder="~/questions.md",
+                check=read,
             ),
-            chosen,
+            imported,
         )
 
     def _added(self, outcome, where: str = "") -> None:
@@ -98,18 +104,24 @@ class PromptsScreen(SectionScreen):
         self.reload()
 
     def action_synthesize(self) -> None:
-        def chosen(answer: str | None) -> None:
-            if not answer:
-                return
+        def how_many(answer: str) -> int:
             try:
-                n = int(answer)
+                n = int(answer.strip())
             except ValueError:
-                self.notify(f"'{answer}' is not a number of prompts.", severity="error")
-                return
-            ws = self.ws
-            self.query_one(JobRunner).start("synth", lambda: synthesize_prompts(ws, n))
+                raise UserInputError(
+                    f"The number of prompts must be a whole number, not '{answer.strip()}'."
+                ) from None
+            require_int("The number of prompts", n, *N_RANGE)
+            return n
 
-        self.app.push_screen(AskScreen("How many prompts should the base model propose?", "16"), chosen)
+        def chosen(n: int | None) -> None:
+            if n is not None:
+                ws = self.ws
+                self.query_one(JobRunner).start("synth", lambda: synthesize_prompts(ws, n))
+
+        self.app.push_screen(
+            AskScreen("How many prompts should the base model propose?", "16", check=how_many), chosen
+        )
 
     def action_cancel_job(self) -> None:
         self.query_one(JobRunner).cancel()

@@ -75,8 +75,16 @@ class TrainScreen(SectionScreen):
         yield JobRunner(id="train-job")
 
     def reload(self) -> None:
-        latest = runs.list_runs(self.ws)
-        self._show_run(latest[-1] if latest else None)
+        self._show_run(self._run_to_show())
+
+    def _run_to_show(self) -> runs.Run | None:
+        """The running run, else the newest run with training steps to plot (a run that stopped before
+        its first step has none), else the newest run."""
+        every = runs.list_runs(self.ws)
+        if every and every[-1].status == "running":
+            return every[-1]
+        stepped = [r for r in every if runs.read_log(self.ws, r.id, "train")]
+        return (stepped or every or [None])[-1]
 
     def _show_run(self, run: runs.Run | None, eta: float | None = None) -> None:
         state = self.query_one("#run-state", Static)
@@ -119,20 +127,41 @@ class TrainScreen(SectionScreen):
     @on(Button.Pressed, "#start")
     def action_start(self) -> None:
         settings = self.settings_from_form()
-        if settings is None:
+        if settings is None or self._pairs_running():
             return
         name = runs.new_run_name(self.ws)
         self._run(name, lambda ws: train(ws, settings, run_name=name))
 
     @on(Button.Pressed, "#resume")
     def action_resume(self) -> None:
-        unfinished = [r for r in runs.list_runs(self.ws) if r.status != "finished"]
+        every = runs.list_runs(self.ws)
+        unfinished = [r for r in every if r.status != "finished"]
         if not unfinished:
-            self.notify("Every run has finished; start a new one.", severity="warning")
+            self.notify(
+                "Every run has finished; start a new one (s)."
+                if every
+                else "There is no run to resume yet; start one (s).",
+                severity="warning",
+            )
             return
         self.resume_job({"run": unfinished[-1].name})
 
+    def _pairs_running(self) -> bool:
+        """Refuse to train while pairs are generated (here or by the CLI): the run would miss them."""
+        pairs = next((j for j in self.ws.running_jobs() if j["kind"] == "pairs"), None)
+        if pairs is not None:
+            self.notify(
+                "Pairs are being generated; training now would leave them out. "
+                "Wait for that job to finish, or cancel it in the Pairs section (c).",
+                title="Job already running",
+                severity="warning",
+                timeout=10,
+            )
+        return pairs is not None
+
     def resume_job(self, record: dict) -> None:
+        if self._pairs_running():
+            return
         name = record["run"]
         self._run(name, lambda ws: train(ws, TrainSettings(), run_name=name, resume=True))
 

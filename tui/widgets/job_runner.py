@@ -22,6 +22,8 @@ from textual.worker import Worker, WorkerState, get_current_worker
 from mipo_local.errors import Cancelled, MipoError
 from mipo_local.progress import Log, Progress, format_eta
 
+from ..format import error_sentence
+
 PENDING_KEY = "tui.interrupted_job"  # workspace config: the job to offer again when the app reopens
 
 
@@ -79,8 +81,14 @@ class JobRunner(Vertical):
         def control(self) -> JobRunner:
             return self.runner
 
-    def __init__(self, *, id: str | None = None, classes: str | None = None) -> None:
+    SAVED = "Finished work was saved; start it again to continue."
+
+    def __init__(
+        self, *, id: str | None = None, classes: str | None = None, cancelled_note: str = SAVED
+    ) -> None:
+        """`cancelled_note`: what the user reads once a job they cancelled has stopped."""
         super().__init__(id=id, classes=classes)
+        self.cancelled_note = cancelled_note
         self._stop = threading.Event()
         self._user_cancelled = False
         self._worker: Worker | None = None
@@ -179,12 +187,12 @@ class JobRunner(Vertical):
             return
         error = event.worker.error
         if isinstance(error, Cancelled) or event.state == WorkerState.CANCELLED:
-            self.set_status(f"{self._name}: cancelled; finished work was saved.")
-            self.app.notify("Finished work was saved; start it again to continue.", title="Cancelled")
+            self.set_status(f"{self._name}: cancelled. {self.cancelled_note}")
+            self.app.notify(self.cancelled_note, title="Cancelled")
             error = error if isinstance(error, Cancelled) else Cancelled("cancelled")
         elif isinstance(error, MipoError):
             self.set_status(f"{self._name}: stopped.")
-            self.app.notify(str(error), title=error.title, severity="error", timeout=10)
+            self.app.notify(error_sentence(error), title=error.title, severity="error", timeout=10)
         else:  # a bug: a readable line on screen, the traceback in the Textual log
             self.set_status(f"{self._name}: failed.")
             self.app.notify(

@@ -14,11 +14,14 @@ class TrainPlots(Vertical):
         for key, _ in CURVES:
             yield PlotextPlot(id=f"plot-{key}", classes="train-plot")
 
+    _log: list[dict] = []
+
     def on_mount(self) -> None:
-        self.show([])
+        self.show(self._log)  # the screen may have shown a run before this widget mounted
 
     def show(self, log: list[dict]) -> None:
         """Plot the run log's `train` lines, and its held-out `eval` lines as a second series."""
+        self._log = log
         train = [x for x in log if x["kind"] == "train"]
         held = [x for x in log if x["kind"] == "eval"]
         for key, title in CURVES:

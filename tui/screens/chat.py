@@ -1,4 +1,8 @@
-"""ChatScreen: streaming chat with the exported model, alone or side by side with the base."""
+"""ChatScreen: streaming chat with the exported model, alone or side by side with the base.
+
+ctrl+g marks the last personalized answer good, ctrl+b bad (a fresh answer sampled under the user's
+context opens in an editor: saved as it is or as edited, it is the better answer); either makes one of the
+user's pairs (user_pairs.py)."""
 
 from __future__ import annotations
 
@@ -10,12 +14,14 @@ from textual.binding import Binding
 from textual.containers import Horizontal, VerticalScroll
 from textual.widgets import Input, Label, Static
 
+from mipo_local import user_pairs
 from mipo_local.conversation import ChatSession, resolve_chat_model, system_from_contexts
 from mipo_local.errors import MipoError
 from mipo_local.modelsource import base_model
 from mipo_local.progress import Log
 
 from ..widgets.job_runner import JobRunner
+from .dialogs import EditTextScreen
 from .section import SectionScreen
 
 DEFAULT_MAX_TOKENS = ChatSession.__dataclass_fields__["max_tokens"].default
@@ -27,6 +33,8 @@ class ChatScreen(SectionScreen):
     BINDINGS = [
         Binding("ctrl+t", "toggle_compare", "Side by side"),
         Binding("ctrl+r", "reset", "New chat"),
+        Binding("ctrl+g", "thumb('good')", "Good answer"),
+        Binding("ctrl+b", "thumb('bad')", "Bad answer"),
         Binding("escape", "stop", "Stop / leave input"),
     ]
 
@@ -116,6 +124,43 @@ class ChatScreen(SectionScreen):
                 self.notify, "No export yet: the personalized side is the base model.", severity="warning"
             )
         return ChatSession(model, base.file, system_from_contexts(ws))
+
+    # -- thumbs: the user's own choices ------------------------------------------------------------------
+
+    def _last_turn(self) -> tuple[str, str] | None:
+        session = self.sessions.get("personalized")
+        if session is None or len(session.history) < 2 or self.runner.busy:
+            self.notify("There is no finished answer to mark yet.", severity="warning")
+            return None
+        return session.history[-2]["content"], session.history[-1]["content"]
+
+    def action_thumb(self, kind: str) -> None:
+        turn = self._last_turn()
+        if turn is None:
+            return
+        prompt, answer = turn
+        ws = self.ws
+        if kind == "good":
+            self.runner.start("good", lambda: user_pairs.save_chat_good(ws, prompt, answer))
+        else:
+            self._judged = turn
+            self.runner.start("bad", lambda: user_pairs.sample_better(ws, prompt, answer))
+
+    @on(JobRunner.Finished)
+    def thumb_done(self, message: JobRunner.Finished) -> None:
+        if message.name == "good":
+            self.notify(f"Saved pair {message.result.id}: this answer is a chosen one.")
+        elif message.name == "bad":
+            prompt, answer = self._judged
+
+            def saved(better: str | None) -> None:
+                if better is not None:
+                    pair = self.app.attempt(user_pairs.save_chat_better, self.ws, prompt, answer, better)
+                    if pair is not None:
+                        self.notify(f"Saved pair {pair.id}: your answer over the one you marked bad.")
+
+            title = "A better answer? Sampled under your context: edit it or keep it (ctrl+s saves, escape discards)"
+            self.app.push_screen(EditTextScreen(title, message.result), saved)
 
     @on(JobRunner.Emitted)
     def streamed(self, message: JobRunner.Emitted) -> None:

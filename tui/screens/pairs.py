@@ -1,4 +1,5 @@
-"""PairsScreen: generate MIPO pairs with live progress, browse them by PMI, inspect, regenerate, delete."""
+"""PairsScreen: generate MIPO pairs with live progress, browse them by PMI, inspect, regenerate, delete, and
+review them (keep, drop, swap, edit the chosen answer): a reviewed pair is the user's (user_pairs.py)."""
 
 from __future__ import annotations
 
@@ -10,12 +11,13 @@ from textual.binding import Binding
 from textual.containers import Horizontal
 from textual.widgets import Button, DataTable, Input, Label, Select
 
-from mipo_local import pairs_store
+from mipo_local import pairs_store, user_pairs
 from mipo_local.pairs import generate_pairs, regenerate_pair
 from mipo_local.settings import NEGATIVE_STRATEGIES, PairSettings, with_overrides
 
 from ..format import one_line
 from ..widgets.job_runner import JobRunner
+from .dialogs import EditTextScreen
 from .pair_detail import PairDetailScreen
 from .section import SectionScreen
 
@@ -30,6 +32,10 @@ class PairsScreen(SectionScreen):
         Binding("enter", "show_pair", "Details", show=False),
         Binding("r", "regenerate", "Regenerate"),
         Binding("d", "delete", "Delete"),
+        Binding("k", "review('keep')", "Keep"),
+        Binding("x", "review('drop')", "Drop"),
+        Binding("s", "review('swap')", "Swap"),
+        Binding("e", "edit_chosen", "Edit chosen"),
     ]
 
     def compose_body(self) -> ComposeResult:
@@ -51,6 +57,7 @@ class PairsScreen(SectionScreen):
         yield JobRunner(id="pairs-job")
         table = DataTable(id="pairs", cursor_type="row", zebra_stripes=True)
         table.add_column("id", key="id", width=4)
+        table.add_column("by", key="by", width=3)
         table.add_column("PMI", key="pmi", width=7)
         table.add_column("prompt", key="prompt", width=28)
         table.add_column("chosen", key="chosen")
@@ -62,8 +69,9 @@ class PairsScreen(SectionScreen):
         table.clear()
         for p in pairs_store.list_pairs(self.ws):
             pmi = "" if p.pmi_margin is None else f"{p.pmi_margin:+.2f}"
-            table.add_row(str(p.id), pmi, one_line(p.prompt, 60), one_line(p.chosen), key=str(p.id))
-        table.border_title = f"{table.row_count} pairs (Enter: details)"
+            by = "you" if p.source == user_pairs.USER else ""
+            table.add_row(str(p.id), by, pmi, one_line(p.prompt, 60), one_line(p.chosen), key=str(p.id))
+        table.border_title = f"{table.row_count} pairs (Enter: details; k keep, x drop, s swap, e edit)"
         if table.row_count:
             table.move_cursor(row=min(row, table.row_count - 1))
 
@@ -160,6 +168,37 @@ class PairsScreen(SectionScreen):
         if self.app.succeeded(pairs_store.remove_pair, self.ws, pair_id):
             self.reload()
             self.notify(f"Deleted pair {pair_id}.")
+
+    # -- review: the user's own choices ---------------------------------------------------------------
+
+    def action_review(self, action: str) -> None:
+        pair_id = self._selected_id()
+        if pair_id is not None:
+            self._review(pair_id, action)
+
+    def _review(self, pair_id: int, action: str, chosen: str | None = None) -> None:
+        if self.app.succeeded(user_pairs.review_pair, self.ws, pair_id, action, chosen):
+            self.reload()
+            done = {
+                "keep": "Kept",
+                "drop": "Dropped",
+                "swap": "Swapped",
+                "edit": "Rewrote the chosen answer of",
+            }
+            self.notify(f"{done[action]} pair {pair_id}." + ("" if action == "drop" else " It is yours now."))
+
+    def action_edit_chosen(self) -> None:
+        pair_id = self._selected_id()
+        pair = None if pair_id is None else self.app.attempt(pairs_store.get_pair, self.ws, pair_id)
+        if pair is None:
+            return
+
+        def saved(text: str | None) -> None:
+            if text is not None:
+                self._review(pair.id, "edit", text)
+
+        title = f"The answer you want for: {one_line(pair.prompt, 80)} (ctrl+s saves, escape cancels)"
+        self.app.push_screen(EditTextScreen(title, pair.chosen), saved)
 
     def palette_commands(self):
         yield SystemCommand(

@@ -7,7 +7,7 @@ import shutil
 import pytest
 from textual.widgets import Input, Static, TextArea
 
-from mipo_local import modelsource
+from mipo_local import modelsource, user_pairs
 from mipo_local.export import export, list_exports
 from mipo_local.settings import ExportSettings
 from mipo_local.workspace import Workspace
@@ -89,12 +89,22 @@ def test_evaluate_then_blind_ab_keeps_the_users_win_rate(results_ws):
         await pilot.pause()
         return trial, second
 
-    drive(results_ws.root, scenario)
+    results = []
+
+    async def run(app, pilot):
+        results.append(await scenario(app, pilot))
+
+    drive(results_ws.root, run)
     report = blind_ab.latest_report(results_ws)
     votes = blind_ab.votes(results_ws, report["export_id"])
     assert len(votes) == 2 and votes[1]["pick"] == "tie" and votes[0]["pick"] in ("personalized", "base")
     expected = 0.75 if votes[0]["pick"] == "personalized" else 0.25
     assert blind_ab.win_rate(votes) == expected
+    # The pick (not the tie) is one of the user's pairs: chosen = the answer shown as A.
+    ((trial, _),) = results
+    (pair,) = user_pairs.list_user_pairs(results_ws)
+    assert (pair.origin, pair.prompt, pair.context) == ("ab", trial.prompt, trial.context)
+    assert (pair.chosen, pair.rejected) == tuple(a.strip() for a in trial.answers)
 
 
 def test_chat_streams_one_message_then_side_by_side(results_ws):

@@ -7,6 +7,7 @@ user's pairs (user_pairs.py)."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from functools import partial
 
 from textual import on
 from textual.app import ComposeResult, SystemCommand
@@ -33,9 +34,9 @@ class ChatScreen(SectionScreen):
     BINDINGS = [
         Binding("ctrl+t", "toggle_compare", "Side by side"),
         Binding("ctrl+r", "reset", "New chat"),
-        Binding("ctrl+g", "thumb('good')", "Good answer"),
-        Binding("ctrl+b", "thumb('bad')", "Bad answer"),
-        Binding("escape", "stop", "Stop / leave input"),
+        Binding("ctrl+g", "thumb('good')", "Good"),
+        Binding("ctrl+b", "thumb('bad')", "Bad"),
+        Binding("escape", "stop", "Stop"),
     ]
 
     def __init__(self) -> None:
@@ -44,6 +45,7 @@ class ChatScreen(SectionScreen):
         self.sessions: dict[str, ChatSession] = {}
         self._bubbles: dict[str, Static] = {}
         self._texts: dict[str, str] = {}
+        self._judged: tuple[str, str] | None = None  # (message, answer) marked bad, while a better one samples
 
     def compose_body(self) -> ComposeResult:
         with Horizontal(classes="form-row"):
@@ -180,3 +182,9 @@ class ChatScreen(SectionScreen):
             "Chat side by side with the base", "Toggle the comparison", self.action_toggle_compare
         )
         yield SystemCommand("New chat", "Clear the conversation", self.action_reset)
+        yield SystemCommand(
+            "Mark the last answer good", "It becomes a chosen answer", partial(self.action_thumb, "good")
+        )
+        yield SystemCommand(
+            "Mark the last answer bad", "Write or accept a better one", partial(self.action_thumb, "bad")
+        )

@@ -4,6 +4,7 @@ review them (keep, drop, swap, edit the chosen answer): a reviewed pair is the u
 from __future__ import annotations
 
 from dataclasses import asdict
+from functools import partial
 
 from textual import on
 from textual.app import ComposeResult, SystemCommand
@@ -32,10 +33,11 @@ class PairsScreen(SectionScreen):
         Binding("enter", "show_pair", "Details", show=False),
         Binding("r", "regenerate", "Regenerate"),
         Binding("d", "delete", "Delete"),
-        Binding("k", "review('keep')", "Keep"),
-        Binding("x", "review('drop')", "Drop"),
-        Binding("s", "review('swap')", "Swap"),
-        Binding("e", "edit_chosen", "Edit chosen"),
+        # Listed in the table's title: the footer has no room left for them.
+        Binding("k", "review('keep')", "Keep", show=False),
+        Binding("x", "review('drop')", "Drop", show=False),
+        Binding("s", "review('swap')", "Swap", show=False),
+        Binding("e", "edit_chosen", "Edit chosen", show=False),
     ]
 
     def compose_body(self) -> ComposeResult:
@@ -208,3 +210,11 @@ class PairsScreen(SectionScreen):
             "Regenerate the selected pair", "Sample it again with a fresh seed", self.action_regenerate
         )
         yield SystemCommand("Cancel pair generation", "Stop after the current chunk", self.action_cancel_job)
+        for action, what in (("keep", "Keep it as one of yours"), ("swap", "Exchange chosen and rejected"),
+                             ("drop", "Delete it; pair generation never samples it again")):  # fmt: skip
+            yield SystemCommand(
+                f"{action.capitalize()} the selected pair", what, partial(self.action_review, action)
+            )
+        yield SystemCommand(
+            "Edit the selected pair's chosen answer", "Write the answer you want", self.action_edit_chosen
+        )

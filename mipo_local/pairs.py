@@ -26,6 +26,7 @@ import hashlib
 import json
 import time
 from collections.abc import Generator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
@@ -407,7 +408,6 @@ def regenerate_pair(
     """
     import secrets
 
-    from .engine import Engine
     from .pairs_store import get_pair
 
     old = get_pair(ws, pair_id)
@@ -435,29 +435,58 @@ def regenerate_pair(
     )
     with ws.job("pairs", f"mipo-local pairs regenerate {pair_id}"):
         yield Log("pairs", f"Regenerating pair {pair_id} with seed {seed}.")
-        cf = chat_format(str(model.file))
-        encoded = {plan.key: _encode(cf, plan)}
-        longest = max(map(len, encoded[plan.key].values()))
-        with Engine(
-            model.file,
-            n_seq=2 * settings.candidates * (2 if settings.guidance else 1),
-            ctx_per_seq=longest + settings.max_tokens + 2,
-            lora_path=sampler.adapter,
-        ) as engine:
-            rows, _ = _run_chunk(engine, [plan], encoded, settings, model.sha256, sampler=sampler)
-        if not rows:
+        row = sample_plan(model, plan, settings, sampler)
+        if row is None:
             raise UserInputError(
                 f"Every answer sampled for pair {pair_id} with seed {seed} was degenerate (a loop or an "
                 "echo); try again for another seed."
             )
-        row = rows[0]
         with ws.transaction() as conn:
+            # A user pair is never overwritten: one reviewed meanwhile (another process) keeps its answers.
             updated = conn.execute(
                 "UPDATE pairs SET chosen = :chosen, rejected = :rejected, seed = :seed, settings = :settings,"
-                " scores = :scores, pmi_margin = :pmi_margin, created_at = :created_at WHERE id = :id",
+                " scores = :scores, pmi_margin = :pmi_margin, created_at = :created_at"
+                " WHERE id = :id AND source = 'generated'",
                 {**row, "id": pair_id},
             ).rowcount
-        if not updated:  # deleted by another process meanwhile: nothing to put the answers in
-            raise UserInputError(f"Pair {pair_id} was deleted while it was being regenerated.")
+            # New answers: the cached reference log-probs describe the old ones.
+            conn.execute("DELETE FROM ref_logps WHERE pair_id = ?", (pair_id,))
+        if not updated:  # deleted or reviewed by another process meanwhile: nothing to put the answers in
+            raise UserInputError(f"Pair {pair_id} was deleted or reviewed while it was being regenerated.")
         yield Progress("pairs", 1, 1, unit="pairs")
     return seed
+
+
+def sample_plan(model, plan: PairPlan, settings: PairSettings, sampler: Sampler | None = None) -> dict | None:
+    """Sample, score and choose the two answers of one plan on its own engine: the pair's row, or None
+    when every positive was degenerate. `model`: the base model (modelsource.BaseModel)."""
+    with _plan_engine(model, plan, settings, sampler) as (engine, encoded):
+        rows, _ = _run_chunk(engine, [plan], encoded, settings, model.sha256, sampler=sampler)
+    return rows[0] if rows else None
+
+
+def sample_choice(model, plan: PairPlan, settings: PairSettings) -> candidates.Choice:
+    """The two answers of one plan as candidates.choose gives them (a positive of None: all degenerate),
+    for a caller that needs one side only."""
+    with _plan_engine(model, plan, settings, None) as (engine, encoded):
+        key = plan.key
+        item = candidates.Item(key, encoded[key]["pos"], encoded[key]["neg"], encoded[key]["score_neg"],
+                               plan.context, plan.prompt)  # fmt: skip
+        return candidates.choose(engine, [item], settings)[key]
+
+
+@contextmanager
+def _plan_engine(model, plan: PairPlan, settings: PairSettings, sampler: Sampler | None):
+    """An engine sized for one plan's candidates, with the plan's prompt ids."""
+    from .engine import Engine
+
+    cf = chat_format(str(model.file))
+    encoded = {plan.key: _encode(cf, plan)}
+    longest = max(map(len, encoded[plan.key].values()))
+    with Engine(
+        model.file,
+        n_seq=2 * settings.candidates * (2 if settings.guidance else 1),
+        ctx_per_seq=longest + settings.max_tokens + 2,
+        lora_path=sampler.adapter if sampler else None,
+    ) as engine:
+        yield engine, encoded

@@ -81,6 +81,10 @@ class TrainSettings:
     round_init: str = "continue"
     round_ref: str = "base"
     round: int = 1
+    # Weight of each pair the user made (user_pairs.py) on the DPO objective; MIPO's pairs weigh 1, and 0
+    # leaves the user's pairs out. Provisional: 2.0 is a first choice, not yet measured (the simulated-user
+    # benchmark of issue 28 is to settle it).
+    user_weight: float = 2.0
 
 
 @dataclass

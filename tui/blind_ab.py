@@ -1,7 +1,12 @@
 """Blind A/B bookkeeping: the latest evaluation's answers in a hidden random order, and the user's votes.
 
 The answers are the ones `mipo-local eval` sampled on held-out prompts from the exported model and from the
+<<<<<<< HEAD
 base (report.samples), kept only where no training pair has the same prompt (evaluate.unseen_samples). Votes live in the workspace config, per export, so the win rate survives restarts.
+=======
+base (report.samples). Votes live in the workspace config, per export, so the win rate survives restarts.
+Each vote that is not a tie is also one of the user's pairs (chosen = the picked answer), for training.
+>>>>>>> user-choices
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ import json
 import random
 from dataclasses import dataclass
 
+from mipo_local import user_pairs
 from mipo_local.workspace import Workspace
 
 VOTES_KEY = "tui.blind_ab_votes"
@@ -35,8 +41,15 @@ def votes(ws: Workspace, export_id: int) -> list[dict]:
 
 
 def record_vote(ws: Workspace, export_id: int, trial: Trial, shown_pick: str) -> str:
-    """Store a vote given as "A", "B" or "tie"; returns the model it favoured ("personalized", "base", "tie")."""
+    """Store a vote given as "A", "B" or "tie", and a pair of the user's for a pick; returns the model it
+    favoured ("personalized", "base", "tie")."""
     pick = "tie" if shown_pick == "tie" else trial.sources[0 if shown_pick == "A" else 1]
+    a, b = (x.strip() for x in trial.answers)
+    if pick != "tie" and a and b and a != b:  # an empty or equal answer teaches nothing
+        picked = 0 if shown_pick == "A" else 1
+        user_pairs.save_ab_pick(
+            ws, trial.context, trial.prompt, trial.answers[picked], trial.answers[1 - picked]
+        )
     every = ws.get_config(VOTES_KEY) or {}
     every.setdefault(str(export_id), []).append({"sample": trial.index, "prompt": trial.prompt, "pick": pick})
     ws.set_config(VOTES_KEY, every)

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import click
 
+from .. import user_pairs
 from ..conversation import ChatSession, resolve_chat_model, system_from_contexts
-from ..errors import WorkspaceError
+from ..errors import UserInputError, WorkspaceError
 from ..evaluate import evaluate
 from ..modelsource import base_model
 from ..plots import training_plot_text
@@ -109,7 +110,12 @@ def chat(
     ctx: click.Context, spec: str, system_from_contexts: bool, temperature: float, max_tokens: int
 ) -> None:
     """Chat with your personalized model (streaming). Type /compare to see base and personalized side by side,
-    /reset to clear the history, /quit to leave."""
+    /reset to clear the history, /quit to leave.
+
+    Mark the last answer and the next `train` learns from it: /good keeps it as a chosen answer (its
+    rejected side is sampled under another persona, as MIPO does); /better TEXT gives the answer you
+    wanted instead; /bad alone samples a fresh answer under your context and asks whether it is better.
+    """
     ws = open_workspace(ctx)
     base = base_model(ws)
     system = system_from_contexts and _system(ws)
@@ -117,7 +123,7 @@ def chat(
         resolve_chat_model(ws, spec), base.file, system or None, temperature, max_tokens=max_tokens
     )
     other = None
-    click.echo(f"Chatting with {main.model.label}. /compare, /reset, /quit.")
+    click.echo(f"Chatting with {main.model.label}. /good, /bad, /better TEXT, /compare, /reset, /quit.")
     compare = False
     try:
         while True:
@@ -146,6 +152,10 @@ def chat(
                 continue
             if not message.strip():
                 continue
+            command = message.strip().split(maxsplit=1)
+            if command[0] in THUMBS:
+                _thumb(ws, main, command[0], command[1] if len(command) > 1 else "")
+                continue
             if not compare:
                 click.echo(f"{main.model.label}> ", nl=False)
                 for piece in main.reply(message):
@@ -159,6 +169,37 @@ def chat(
         main.close()
         if other:
             other.close()
+
+
+THUMBS = ("/good", "/bad", "/better")
+
+
+def _thumb(ws, session: ChatSession, command: str, text: str) -> None:
+    """/good, /bad or /better TEXT on the last answer: one pair of yours, or a line saying why not."""
+    if len(session.history) < 2:
+        click.echo("There is no answer to mark yet; send a message first.")
+        return
+    prompt, answer = session.history[-2]["content"], session.history[-1]["content"]
+    try:
+        if command == "/good":
+            click.echo("Sampling an answer under another persona to set against it...")
+            pair = user_pairs.save_chat_good(ws, prompt, answer)
+        elif command == "/better" or text:
+            if not text.strip():
+                raise UserInputError("/better needs the answer you wanted: /better TEXT.")
+            pair = user_pairs.save_chat_better(ws, prompt, answer, text)
+        else:
+            click.echo("Sampling a fresh answer under your context...")
+            better = user_pairs.sample_better(ws, prompt, answer)
+            click.echo(f"--- sampled ---\n{better}\n---")
+            if not click.confirm("Is this one better than the answer you marked?", default=False):
+                click.echo("Nothing saved. Write the answer you wanted with /better TEXT.")
+                return
+            pair = user_pairs.save_chat_better(ws, prompt, answer, better)
+    except UserInputError as err:  # a bad /better text: say so and keep chatting
+        click.echo(f"Error: {err}")
+        return
+    click.echo(f"Saved pair {pair.id} (yours); `mipo-local feedback list` shows it.")
 
 
 def _system(ws) -> str | None:

@@ -22,7 +22,8 @@ COMMAND_MODULES = [
     "mipo_local.cli.models_cmd",  # models list|info|pull
     "mipo_local.cli.context_cmd",  # context add|list|rm|edit
     "mipo_local.cli.prompts_cmd",  # prompts add|import|list|rm (synth lives with pairs)
-    "mipo_local.cli.pairs_cmd",  # pairs, pairs list|show|rm|export|import, prompts synth
+    "mipo_local.cli.pairs_cmd",  # pairs, pairs list|show|review|rm|export|import, prompts synth
+    "mipo_local.cli.feedback_cmd",  # feedback list|rm
     "mipo_local.cli.train_cmd",  # train, runs list|show
     "mipo_local.cli.export_cmd",  # export, exports list
     "mipo_local.cli.eval_cmd",  # eval, chat

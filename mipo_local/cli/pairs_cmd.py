@@ -8,7 +8,9 @@ from pathlib import Path
 import click
 
 from .. import pairs as mipo_pairs
-from .. import pairs_store
+from .. import pairs_store, user_pairs
+from ..errors import UserInputError
+from ..prompts_import import read_text_file
 from ..settings import NEGATIVE_STRATEGIES, PairSettings, with_overrides
 from ..synth import synthesize_prompts
 from .common import ID, drive, open_workspace, table
@@ -116,6 +118,40 @@ def rm(ctx: click.Context, pair_id: int) -> None:
     """Delete pair PAIR_ID (the ids are in `mipo-local pairs list`)."""
     pairs_store.remove_pair(open_workspace(ctx), pair_id)
     click.echo(f"Removed pair {pair_id}.")
+
+
+@pairs.command()
+@click.argument("pair_id", type=ID)
+@click.option("--keep", "action", flag_value="keep", help="Keep the pair as it is, as one of yours.")
+@click.option("--drop", "action", flag_value="drop", help="Delete the pair; `pairs` never samples it again.")
+@click.option("--swap", "action", flag_value="swap", help="Exchange chosen and rejected.")
+@click.option("--chosen", "chosen", default=None, metavar="TEXT", help="Replace the chosen answer with TEXT.")
+@click.option(
+    "--chosen-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    metavar="F",
+    help="Replace the chosen answer with the text of file F.",
+)
+@click.pass_context
+def review(
+    ctx: click.Context, pair_id: int, action: str | None, chosen: str | None, chosen_file: Path | None
+) -> None:
+    """Review pair PAIR_ID: keep, drop, swap, or give a better chosen answer. A kept, swapped or edited
+    pair becomes yours (source user): training weighs it with --user-weight, and `pairs regenerate` or a
+    rerun of `pairs` never overwrites it."""
+    given = [a for a in (action, chosen is not None and "edit", chosen_file is not None and "edit") if a]
+    if len(given) != 1:
+        raise UserInputError("Give exactly one of --keep, --drop, --swap, --chosen or --chosen-file.")
+    if chosen_file is not None:
+        chosen = read_text_file(chosen_file)
+    ws = open_workspace(ctx)
+    pair = user_pairs.review_pair(ws, pair_id, given[0], chosen)
+    done = {"keep": "Kept", "swap": "Swapped chosen and rejected of", "edit": "Rewrote the chosen answer of"}
+    if pair is None:
+        click.echo(f"Dropped pair {pair_id}; `mipo-local pairs` will not sample it again.")
+    else:
+        click.echo(f"{done[given[0]]} pair {pair_id}; it is yours now (source user).")
 
 
 @pairs.command()

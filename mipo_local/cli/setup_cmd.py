@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .. import modelsource
+from .. import modelsource, user_pairs
 from ..workspace import Workspace, resolve_workspace_dir
 from .common import open_workspace
 
@@ -59,7 +59,7 @@ def status(ctx: click.Context) -> None:
     n_syn = len(ws.prompts(source="synthetic"))
     click.echo(f"Contexts:   {ws.count('contexts')}")
     click.echo(f"Prompts:    {ws.count('prompts')} ({n_syn} synthetic)")
-    click.echo(f"Pairs:      {ws.count('pairs')}")
+    click.echo(f"Pairs:      {ws.count('pairs')} ({user_pairs.count_user_pairs(ws)} yours)")
     run = ws.query("SELECT name, status, updated_at FROM runs ORDER BY updated_at DESC LIMIT 1")
     click.echo(f"Latest run: {run[0]['name']} ({run[0]['status']})" if run else "Latest run: none")
     exp = ws.query("SELECT id, kind, quant, path FROM exports ORDER BY id DESC LIMIT 1")

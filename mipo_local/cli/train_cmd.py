@@ -119,6 +119,15 @@ def _targets(_ctx, _param, value):
     help="With --from-run: DPO's reference is the base model or RUN's model (default: base).",
 )
 @click.option(
+    "--user-weight",
+    type=float,
+    default=None,
+    metavar="W",
+    help="Weight of each pair you made (`feedback list`) on the loss, MIPO's pairs weighing 1; 0 leaves "
+    "them out (default: 2). They are never held out, and when few each is repeated every epoch until "
+    "they make 1/8 of its pairs, at most 8 times.",
+)
+@click.option(
     "--seed",
     type=int,
     default=None,
@@ -176,8 +185,15 @@ def show(ctx: click.Context, name: str) -> None:
     click.echo(f"Run {run.name}: {run.status}, backend {run.backend}{origin}")
     summary = run.summary or {}
     if summary:
+        mine = summary.get("user_pairs", 0)
+        yours = (
+            f"; {mine} of them yours (weight {run.settings.get('user_weight', 1.0):g}, each seen "
+            f"{summary.get('user_repeats', 1)}x an epoch)"
+            if mine
+            else "; none of them yours"
+        )
         click.echo(
-            f"Trained on {summary.get('train_pairs', 0)} pairs ({summary.get('heldout_pairs', 0)} held out)."
+            f"Trained on {summary.get('train_pairs', 0)} pairs ({summary.get('heldout_pairs', 0)} held out){yours}."
         )
     click.echo("Settings: " + ", ".join(f"{k}={v}" for k, v in run.settings.items()))
     for line in run_store.read_log(ws, run.id):

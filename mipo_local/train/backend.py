@@ -43,6 +43,7 @@ class PairBatch:
     pairs: list[EncodedPair]
     ref_chosen: np.ndarray | None = None  # shape (n,), float64
     ref_rejected: np.ndarray | None = None
+    weights: np.ndarray | None = None  # shape (n,): each pair's weight on the objective; None: all 1
 
 
 @dataclass

@@ -70,11 +70,14 @@ def anchor_sequence(
     neutral-text drift under 1%, bench/README.md). "rejected": the rejected answer after the prompt it was
     sampled with (another persona's context, or none). (None, None) where there is nothing to anchor: no
     anchor asked, no context of the pair's own ("no-context"), or a negative sampled under the user's own
-    context ("rejected": a random-prompt pair). Cut to `max_len` like the pair's own answers.
+    context ("rejected": a random-prompt pair). A pair the user made has no "rejected" anchor: its rejected
+    answer may be a swapped positive, a chat answer or an A/B loser, sampled under no other context we know.
+    Cut to `max_len` like the pair's own answers.
     """
     if anchor == "no-context" and p.context:
         context, response = None, p.chosen
-    elif anchor == "rejected" and not p.neg_prompt and (p.neg_context or None) != (p.context or None):
+    elif (anchor == "rejected" and p.source != "user" and not p.neg_prompt
+          and (p.neg_context or None) != (p.context or None)):  # fmt: skip
         context, response = p.neg_context or None, p.rejected
     else:
         return None, None

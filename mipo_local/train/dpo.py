@@ -10,6 +10,9 @@ With an SFT weight w > 0 the objective also pulls the chosen answer's likelihood
 
     objective  = loss + w * (-log pi(y+|x) / |y+|)           per-token NLL of the chosen answer
 
+Each pair's objective is multiplied by its weight before the mean: 1 for MIPO's pairs, `--user-weight` for
+the pairs the user made (user_pairs.py).
+
 DPO alone can lower the log-probs of both answers while it widens their gap, which moves the model away
 from ordinary text too; the anchor on y+ (the model's own, context-guided answer) holds that back.
 
@@ -43,12 +46,15 @@ def dpo_terms(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: fl
     return loss, r_chosen, r_rejected
 
 
-def dpo_objective(loss, policy_chosen, chosen_tokens, sft_weight: float):
-    """Per-pair training objective: the DPO loss plus `sft_weight` times the chosen answer's per-token NLL.
+def dpo_objective(loss, policy_chosen, chosen_tokens, sft_weight: float, weights=None):
+    """Per-pair training objective: the DPO loss plus `sft_weight` times the chosen answer's per-token NLL,
+    times the pair's weight (`weights`, 1-D; None: every pair 1). A pair the user made weighs
+    `--user-weight` (train/loop.py); MIPO's own pairs weigh 1.
 
     (The other-context KL term has its own forward and backward pass in each backend, so that its graph and
     the pair's are never held at once.)"""
-    return loss - sft_weight * policy_chosen / chosen_tokens if sft_weight else loss
+    objective = loss - sft_weight * policy_chosen / chosen_tokens if sft_weight else loss
+    return objective if weights is None else objective * weights
 
 
 def dpo_metrics(loss, r_chosen, r_rejected) -> dict[str, float]:

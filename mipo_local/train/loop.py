@@ -29,6 +29,7 @@ from ..pairs_store import list_pairs
 from ..progress import EtaClock, Log, Progress
 from ..quantize import resolve_quant
 from ..settings import LORA_TARGETS, ROUND_INITS, ROUND_REFS, ExportSettings, TrainSettings
+from ..user_pairs import USER, list_user_pairs
 from ..validation import THREADS_MAX, check_name, require_int, require_seed
 from ..workspace import Workspace
 from . import runs
@@ -41,6 +42,10 @@ from .reference import LLAMA_CPP, backend_source, cached, llama_cpp_refs, mean_a
 HELDOUT_FILE = "heldout.json"
 SPLIT_FILE = "split.json"  # the run's train / held-out pair ids, fixed at its start
 COMPARE_PAIRS = 8  # pairs scored by the second reference source to report how far the two are apart
+# The user's pairs are few next to MIPO's: each is repeated in every epoch until they make at least this
+# share of its pairs, at most USER_REPEATS_MAX times (the --user-weight help says the same).
+USER_SHARE = 0.125
+USER_REPEATS_MAX = 8
 OOM_HINT = "Lower --max-len, --batch-size or --rank, or add --grad-checkpointing, then rerun with --resume."
 
 
@@ -54,6 +59,8 @@ class TrainSummary:
     seconds: float  # the whole job, model loading included
     load_seconds: float = 0.0
     last_train: dict = field(default_factory=dict)  # the last step's training metrics
+    user_pairs: int = 0  # pairs the user made among the training pairs
+    user_repeats: int = 1  # times each of them is seen per epoch
 
 
 def backend_name(settings: TrainSettings) -> str:
@@ -113,6 +120,7 @@ def validate(s: TrainSettings) -> None:
         ("precision", s.precision in ("auto", "bf16", "fp32"), "auto, bf16 or fp32"),
         ("round_init", s.round_init in ROUND_INITS, " or ".join(ROUND_INITS)),
         ("round_ref", s.round_ref in ROUND_REFS, " or ".join(ROUND_REFS)),
+        ("user_weight", 0 <= s.user_weight <= 100, "between 0 and 100"),
     ]
     for name, ok, what in checks:
         if not ok:
@@ -182,8 +190,21 @@ def round_settings(ws: Workspace, s: TrainSettings) -> TrainSettings:
 
 def round_pairs(ws: Workspace, s: TrainSettings):
     """The pairs a run trains on: those its round's model sampled (round 1: the base model's and imported
-    pairs; round k+1: those of `pairs --from-run`)."""
-    return list_pairs(ws, sampler=s.from_run)
+    pairs; round k+1: those of `pairs --from-run`), and every pair the user made, whichever model sampled
+    it (none with --user-weight 0)."""
+    pairs = [p for p in list_pairs(ws, sampler=s.from_run) if p.source != USER]
+    if s.user_weight > 0:
+        pairs += list_user_pairs(ws)
+    return sorted(pairs, key=lambda p: p.id)
+
+
+def user_repeats(n_user: int, n_other: int) -> int:
+    """How often each user pair appears per epoch: enough for the user's pairs to make USER_SHARE of the
+    epoch's pairs, at least once and at most USER_REPEATS_MAX times."""
+    if not n_user:
+        return 1
+    need = USER_SHARE * n_other / ((1 - USER_SHARE) * n_user)
+    return max(1, min(USER_REPEATS_MAX, math.ceil(need - 1e-9)))
 
 
 def resumed_settings(stored: dict) -> TrainSettings:
@@ -195,6 +216,7 @@ def resumed_settings(stored: dict) -> TrainSettings:
     values.setdefault("kl_anchor", "rejected")
     values.setdefault("from_run", None)  # and before rounds, every run was a first round
     values.setdefault("round", 1)
+    values.setdefault("user_weight", 1.0)  # and before the user's pairs had a weight, every pair weighed 1
     return TrainSettings(**{**values, "targets": tuple(values["targets"])})
 
 
@@ -248,8 +270,9 @@ def train(
             raise
 
 
-def _split(root: Path, items: list[TrainPair], settings: TrainSettings, resume: bool):
-    """The run's (train, held-out) items: fixed when the run starts, so a resume sees the same data."""
+def _split(root: Path, items: list[TrainPair], user_ids: set[int], settings: TrainSettings, resume: bool):
+    """The run's (train, held-out, user) items: fixed when the run starts, so a resume sees the same data.
+    The user's pairs are never held out: they are few, and each one is what the user asked for."""
     by_id = {t.pair_id: t for t in items}
     path = root / SPLIT_FILE
     if resume and path.is_file():
@@ -260,13 +283,16 @@ def _split(root: Path, items: list[TrainPair], settings: TrainSettings, resume: 
                 f"Pair {gone[0]} was removed after run {root.name} started; it cannot resume exactly.",
                 hint="Start a new run with another --run name.",
             )
-        train_ids, held_ids = saved["train"], saved["heldout"]
+        train_ids, held_ids, mine = saved["train"], saved["heldout"], saved.get("user", [])
     else:
-        train_ids, held_ids = split_heldout(list(by_id), settings.eval_fraction, settings.seed)
-        atomic_write_text(path, json.dumps({"train": train_ids, "heldout": held_ids}))
+        mine = sorted(i for i in by_id if i in user_ids)
+        train_ids, held_ids = split_heldout([i for i in by_id if i not in user_ids], settings.eval_fraction,
+                                            settings.seed)  # fmt: skip
+        train_ids = sorted(train_ids + mine)
+        atomic_write_text(path, json.dumps({"train": train_ids, "heldout": held_ids, "user": mine}))
     if not train_ids:
         raise UserInputError(f"All {len(items)} pairs are held out; add pairs or lower the held-out share.")
-    return [by_id[i] for i in train_ids], [by_id[i] for i in held_ids]
+    return [by_id[i] for i in train_ids], [by_id[i] for i in held_ids], set(mine)
 
 
 def _train_run(ws, settings, run, model, pairs, resume) -> Generator[Progress | Log, None, TrainSummary]:
@@ -295,8 +321,15 @@ def _train_run(ws, settings, run, model, pairs, resume) -> Generator[Progress | 
     # Data: the model's own template and tokenizer; the split fixed at the run's start.
     anchor = settings.kl_anchor if settings.other_context_kl > 0 else None
     items = encode_pairs(str(model.file), pairs, settings.max_len, anchor)
-    train_items, held_items = _split(root, items, settings, resume)
+    train_items, held_items, mine = _split(
+        root, items, {p.id for p in pairs if p.source == USER}, settings, resume
+    )
     items = train_items + held_items
+    # The user's pairs: weighted on the objective, and repeated in every epoch when they are few.
+    repeats = user_repeats(len(mine), len(train_items) - len(mine))
+    n_distinct = len(train_items)
+    train_items = train_items + [t for t in train_items if t.pair_id in mine] * (repeats - 1)
+    weight = {i: settings.user_weight for i in mine}
 
     # Reference log-probs, once per pair, from the cache when a run already computed them.
     exact = backend_source(backend)
@@ -341,10 +374,16 @@ def _train_run(ws, settings, run, model, pairs, resume) -> Generator[Progress | 
         step = int(state.get("step", 0))
         runs.truncate_log(ws, run.id, step)
         yield Log("train", f"Resuming run '{run.name}' at step {step} of {total}.")
+    yours = (
+        f" ({len(mine)} yours, weight {settings.user_weight:g}, each seen {repeats}x an epoch)"
+        if mine
+        else ""
+    )
     if not resume:
         yield Log("train", f"Training {total} steps ({settings.epochs} epoch{'s' if settings.epochs > 1 else ''} of "
-                           f"{steps_per_epoch}) on {len(train_items)} pairs; {len(held_items)} held out.")  # fmt: skip
-    runs.log(ws, run.id, step, "info", {"train_pairs": len(train_items), "heldout_pairs": len(held_items),
+                           f"{steps_per_epoch}) on {n_distinct} pairs{yours}; {len(held_items)} held out.")  # fmt: skip
+    runs.log(ws, run.id, step, "info", {"train_pairs": n_distinct, "heldout_pairs": len(held_items),
+                                        "user_pairs": len(mine), "user_repeats": repeats,
                                         "total_steps": total, "backend": backend.name, "ref_source": source})  # fmt: skip
 
     clock = EtaClock(total, already_done=step)
@@ -359,7 +398,8 @@ def _train_run(ws, settings, run, model, pairs, resume) -> Generator[Progress | 
             parts = []
             for mb in micro_batches(chosen, settings.batch_size):
                 pb = PairBatch([t.encoded for t in mb], np.array([refs[t.pair_id][0] for t in mb]),
-                               np.array([refs[t.pair_id][1] for t in mb]))  # fmt: skip
+                               np.array([refs[t.pair_id][1] for t in mb]),
+                               np.array([weight.get(t.pair_id, 1.0) for t in mb]) if weight else None)  # fmt: skip
                 parts.append(
                     (
                         len(mb),
@@ -439,8 +479,8 @@ def _train_run(ws, settings, run, model, pairs, resume) -> Generator[Progress | 
                 yield Log("train", f"Skipped scoring the held-out pairs in llama.cpp ({err}).", "warning")
         (tmp / HELDOUT_FILE).write_text(json.dumps(heldout))
         (tmp / STATE_FILE).write_text(json.dumps({"step": step, "total": total}))
-    summary = TrainSummary(run.name, step, len(train_items), len(held_items), final,
-                           time.monotonic() - started, load_seconds, metrics)  # fmt: skip
+    summary = TrainSummary(run.name, step, n_distinct, len(held_items), final,
+                           time.monotonic() - started, load_seconds, metrics, len(mine), repeats)  # fmt: skip
     runs.set_status(ws, run.id, "finished", asdict(summary))
     return summary
 

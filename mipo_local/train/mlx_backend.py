@@ -214,10 +214,11 @@ class MLXBackend(Backend):
         beta: float,
         loss_scale: float,
         sft_weight: float,
+        weights=None,
     ):
         lp = self._sequence_logps(*layout)
         loss, r_c, r_r = dpo_terms(lp[0::2], lp[1::2], ref_chosen, ref_rejected, beta, mx)
-        objective = dpo_objective(loss, lp[0::2], chosen_tokens, sft_weight)
+        objective = dpo_objective(loss, lp[0::2], chosen_tokens, sft_weight, weights)
         return objective.mean() * loss_scale, loss, r_c, r_r
 
     def accumulate(
@@ -248,8 +249,9 @@ class MLXBackend(Backend):
                 extra["other_kl"] = float(np.array(per_pair).sum()) / other[0].shape[0]
             elif kl_weight > 0:
                 extra["other_kl"] = 0.0
+            weights = None if batch.weights is None else mx.array(np.asarray(batch.weights, np.float32))
             (_, loss, r_c, r_r), grads = self._loss_and_grad(
-                self._layout(batch.pairs), ref_c, ref_r, n_c, beta, loss_scale, sft_weight
+                self._layout(batch.pairs), ref_c, ref_r, n_c, beta, loss_scale, sft_weight, weights
             )
             self._grads = grads if self._grads is None else tree_map(mx.add, self._grads, grads)
             mx.eval(self._grads, loss, r_c, r_r)

@@ -290,7 +290,12 @@ class TorchBackend(Backend):
                 ref_r = torch.tensor(batch.ref_rejected, dtype=torch.float32, device=dev)
                 loss, r_c, r_r = dpo_terms(lp[0::2], lp[1::2], ref_c, ref_r, beta, torch)
                 n_c = torch.tensor([len(e.chosen) for e in batch.pairs], dtype=torch.float32, device=dev)
-                (dpo_objective(loss, lp[0::2], n_c, sft_weight).mean() * loss_scale).backward()
+                w = (
+                    None
+                    if batch.weights is None
+                    else torch.tensor(batch.weights, dtype=torch.float32, device=dev)
+                )
+                (dpo_objective(loss, lp[0::2], n_c, sft_weight, w).mean() * loss_scale).backward()
         if self.device.type == "cpu":
             _return_freed_memory()
         metrics = dpo_metrics(*(x.detach().cpu().numpy() for x in (loss, r_c, r_r)))

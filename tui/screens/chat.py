@@ -1,8 +1,13 @@
-"""ChatScreen: streaming chat with the exported model, alone or side by side with the base."""
+"""ChatScreen: streaming chat with the exported model, alone or side by side with the base.
+
+ctrl+g marks the last personalized answer good, ctrl+b bad (a fresh answer sampled under the user's
+context opens in an editor: saved as it is or as edited, it is the better answer); either makes one of the
+user's pairs (user_pairs.py)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from functools import partial
 
 from textual import on
 from textual.app import ComposeResult, SystemCommand
@@ -10,12 +15,14 @@ from textual.binding import Binding
 from textual.containers import Horizontal, VerticalScroll
 from textual.widgets import Input, Label, Static
 
+from mipo_local import user_pairs
 from mipo_local.conversation import ChatSession, resolve_chat_model, system_from_contexts
 from mipo_local.errors import MipoError
 from mipo_local.modelsource import base_model
 from mipo_local.progress import Log
 
 from ..widgets.job_runner import JobRunner
+from .dialogs import EditTextScreen
 from .section import SectionScreen
 
 DEFAULT_MAX_TOKENS = ChatSession.__dataclass_fields__["max_tokens"].default
@@ -36,7 +43,9 @@ class ChatScreen(SectionScreen):
     BINDINGS = [
         Binding("ctrl+t", "toggle_compare", "Side by side"),
         Binding("ctrl+r", "reset", "New chat"),
-        Binding("escape", "stop", "Stop / leave input"),
+        Binding("ctrl+g", "thumb('good')", "Good"),
+        Binding("ctrl+b", "thumb('bad')", "Bad"),
+        Binding("escape", "stop", "Stop"),
     ]
 
     def __init__(self) -> None:
@@ -45,6 +54,7 @@ class ChatScreen(SectionScreen):
         self.sessions: dict[str, ChatSession] = {}
         self._bubbles: dict[str, Static] = {}
         self._texts: dict[str, str] = {}
+        self._judged: tuple[str, str] | None = None  # (message, answer) marked bad, while a better one samples
 
     def compose_body(self) -> ComposeResult:
         with Horizontal(classes="form-row"):
@@ -126,6 +136,43 @@ class ChatScreen(SectionScreen):
             )
         return ChatSession(model, base.file, system_from_contexts(ws))
 
+    # -- thumbs: the user's own choices ------------------------------------------------------------------
+
+    def _last_turn(self) -> tuple[str, str] | None:
+        session = self.sessions.get("personalized")
+        if session is None or len(session.history) < 2 or self.runner.busy:
+            self.notify("There is no finished answer to mark yet.", severity="warning")
+            return None
+        return session.history[-2]["content"], session.history[-1]["content"]
+
+    def action_thumb(self, kind: str) -> None:
+        turn = self._last_turn()
+        if turn is None:
+            return
+        prompt, answer = turn
+        ws = self.ws
+        if kind == "good":
+            self.runner.start("good", lambda: user_pairs.save_chat_good(ws, prompt, answer))
+        else:
+            self._judged = turn
+            self.runner.start("bad", lambda: user_pairs.sample_better(ws, prompt, answer))
+
+    @on(JobRunner.Finished)
+    def thumb_done(self, message: JobRunner.Finished) -> None:
+        if message.name == "good":
+            self.notify(f"Saved pair {message.result.id}: this answer is a chosen one.")
+        elif message.name == "bad":
+            prompt, answer = self._judged
+
+            def saved(better: str | None) -> None:
+                if better is not None:
+                    pair = self.app.attempt(user_pairs.save_chat_better, self.ws, prompt, answer, better)
+                    if pair is not None:
+                        self.notify(f"Saved pair {pair.id}: your answer over the one you marked bad.")
+
+            title = "A better answer? Sampled under your context: edit it or keep it (ctrl+s saves, escape discards)"
+            self.app.push_screen(EditTextScreen(title, message.result), saved)
+
     @on(JobRunner.Emitted)
     def streamed(self, message: JobRunner.Emitted) -> None:
         if isinstance(message.item, tuple):
@@ -144,3 +191,9 @@ class ChatScreen(SectionScreen):
             "Chat side by side with the base", "Toggle the comparison", self.action_toggle_compare
         )
         yield SystemCommand("New chat", "Clear the conversation", self.action_reset)
+        yield SystemCommand(
+            "Mark the last answer good", "It becomes a chosen answer", partial(self.action_thumb, "good")
+        )
+        yield SystemCommand(
+            "Mark the last answer bad", "Write or accept a better one", partial(self.action_thumb, "bad")
+        )

@@ -38,11 +38,11 @@ the app stays usable, and cancelling keeps what is finished.
 WHAT = {
     "profile": "who you are: your contexts, and the base model",
     "prompts": "the questions you ask: add, import a file, synthesize, search",
-    "pairs": "generate preference pairs, inspect their PMI scores, delete bad ones",
+    "pairs": "generate preference pairs, inspect their PMI scores; review them: k keep, x drop, s swap, e edit",
     "train": "LoRA DPO training with live loss, reward margin and accuracy",
-    "evaluate": "before/after numbers and a blind A/B test of your own",
+    "evaluate": "before/after numbers and a blind A/B test of your own (each pick trains the next run)",
     "export": "a personalized GGUF, an adapter, an Ollama Modelfile",
-    "chat": "talk to the exported model, side by side with the base",
+    "chat": "talk to the exported model, side by side with the base; ctrl+g / ctrl+b: a good / bad answer",
 }
 
 

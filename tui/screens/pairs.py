@@ -1,8 +1,10 @@
-"""PairsScreen: generate MIPO pairs with live progress, browse them by PMI, inspect, regenerate, delete."""
+"""PairsScreen: generate MIPO pairs with live progress, browse them by PMI, inspect, regenerate, delete, and
+review them (keep, drop, swap, edit the chosen answer): a reviewed pair is the user's (user_pairs.py)."""
 
 from __future__ import annotations
 
 from dataclasses import asdict
+from functools import partial
 
 from textual import on
 from textual.app import ComposeResult, SystemCommand
@@ -10,14 +12,14 @@ from textual.binding import Binding
 from textual.containers import Horizontal
 from textual.widgets import Button, DataTable, Input, Label, Select
 
-from mipo_local import pairs_store
+from mipo_local import pairs_store, user_pairs
 from mipo_local.errors import MipoError
 from mipo_local.pairs import generate_pairs, outlook, regenerate_pair
 from mipo_local.settings import NEGATIVE_STRATEGIES, PairSettings, with_overrides
 
 from ..format import one_line, plural
 from ..widgets.job_runner import JobRunner
-from .dialogs import ConfirmScreen
+from .dialogs import ConfirmScreen, EditTextScreen
 from .pair_detail import PairDetailScreen
 from .section import SectionScreen
 
@@ -32,6 +34,11 @@ class PairsScreen(SectionScreen):
         Binding("enter", "show_pair", "Details", show=False),
         Binding("r", "regenerate", "Regenerate"),
         Binding("d", "delete", "Delete"),
+        # Listed in the table's title: the footer has no room left for them.
+        Binding("k", "review('keep')", "Keep", show=False),
+        Binding("x", "review('drop')", "Drop", show=False),
+        Binding("s", "review('swap')", "Swap", show=False),
+        Binding("e", "edit_chosen", "Edit chosen", show=False),
     ]
 
     def compose_body(self) -> ComposeResult:
@@ -53,6 +60,7 @@ class PairsScreen(SectionScreen):
         yield JobRunner(id="pairs-job")
         table = DataTable(id="pairs", cursor_type="row", zebra_stripes=True)
         table.add_column("id", key="id", width=4)
+        table.add_column("by", key="by", width=3)
         table.add_column("PMI", key="pmi", width=7)
         table.add_column("prompt", key="prompt", width=28)
         table.add_column("chosen", key="chosen")
@@ -64,8 +72,9 @@ class PairsScreen(SectionScreen):
         table.clear()
         for p in pairs_store.list_pairs(self.ws):
             pmi = "" if p.pmi_margin is None else f"{p.pmi_margin:+.2f}"
-            table.add_row(str(p.id), pmi, one_line(p.prompt, 60), one_line(p.chosen), key=str(p.id))
-        table.border_title = f"{table.row_count} pairs (Enter: details)"
+            by = "you" if p.source == user_pairs.USER else ""
+            table.add_row(str(p.id), by, pmi, one_line(p.prompt, 60), one_line(p.chosen), key=str(p.id))
+        table.border_title = f"{table.row_count} pairs (Enter: details; k keep, x drop, s swap, e edit)"
         if table.row_count:
             table.move_cursor(row=min(row, table.row_count - 1))
 
@@ -185,6 +194,37 @@ class PairsScreen(SectionScreen):
 
         self.app.push_screen(ConfirmScreen(f"Delete pair {pair_id}?"), answered)
 
+    # -- review: the user's own choices ---------------------------------------------------------------
+
+    def action_review(self, action: str) -> None:
+        pair_id = self._selected_id()
+        if pair_id is not None:
+            self._review(pair_id, action)
+
+    def _review(self, pair_id: int, action: str, chosen: str | None = None) -> None:
+        if self.app.succeeded(user_pairs.review_pair, self.ws, pair_id, action, chosen):
+            self.reload()
+            done = {
+                "keep": "Kept",
+                "drop": "Dropped",
+                "swap": "Swapped",
+                "edit": "Rewrote the chosen answer of",
+            }
+            self.notify(f"{done[action]} pair {pair_id}." + ("" if action == "drop" else " It is yours now."))
+
+    def action_edit_chosen(self) -> None:
+        pair_id = self._selected_id()
+        pair = None if pair_id is None else self.app.attempt(pairs_store.get_pair, self.ws, pair_id)
+        if pair is None:
+            return
+
+        def saved(text: str | None) -> None:
+            if text is not None:
+                self._review(pair.id, "edit", text)
+
+        title = f"The answer you want for: {one_line(pair.prompt, 80)} (ctrl+s saves, escape cancels)"
+        self.app.push_screen(EditTextScreen(title, pair.chosen), saved)
+
     def palette_commands(self):
         yield SystemCommand(
             "Generate pairs", "Sample chosen/rejected answers for every prompt", self.action_generate
@@ -193,3 +233,11 @@ class PairsScreen(SectionScreen):
             "Regenerate the selected pair", "Sample it again with a fresh seed", self.action_regenerate
         )
         yield SystemCommand("Cancel pair generation", "Stop after the current chunk", self.action_cancel_job)
+        for action, what in (("keep", "Keep it as one of yours"), ("swap", "Exchange chosen and rejected"),
+                             ("drop", "Delete it; pair generation never samples it again")):  # fmt: skip
+            yield SystemCommand(
+                f"{action.capitalize()} the selected pair", what, partial(self.action_review, action)
+            )
+        yield SystemCommand(
+            "Edit the selected pair's chosen answer", "Write the answer you want", self.action_edit_chosen
+        )

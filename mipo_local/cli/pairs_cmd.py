@@ -57,7 +57,7 @@ from .common import ID, drive, open_workspace, table
     "--repeat-penalty",
     type=float,
     default=None,
-    help="llama.cpp's repetition penalty while sampling (default: 1, none).",
+    help="llama.cpp's repetition penalty while sampling both answers (default: 1.1; 1 is none).",
 )
 @click.option(
     "--from-run",

@@ -100,7 +100,8 @@ def list_cmd(ctx: click.Context) -> None:
 def show(ctx: click.Context, pair_id: int) -> None:
     """Show one pair: prompt, contexts, chosen and rejected, scores."""
     p = pairs_store.get_pair(open_workspace(ctx), pair_id)
-    click.echo(f"Pair {p.id} ({p.strategy}, seed {p.seed})")
+    yours = f", yours from {p.origin or 'an import'}" if p.source == user_pairs.USER else ""
+    click.echo(f"Pair {p.id} ({p.strategy}, seed {p.seed}{yours})")
     click.echo(f"Context:  {p.context}")
     if p.neg_context:
         click.echo(f"Negative context: {p.neg_context}")

@@ -54,7 +54,8 @@ class ChatScreen(SectionScreen):
         self.sessions: dict[str, ChatSession] = {}
         self._bubbles: dict[str, Static] = {}
         self._texts: dict[str, str] = {}
-        self._judged: tuple[str, str] | None = None  # (message, answer) marked bad, while a better one samples
+        # The (message, answer) marked bad, while a better answer is being sampled.
+        self._judged: tuple[str, str] | None = None
 
     def compose_body(self) -> ComposeResult:
         with Horizontal(classes="form-row"):

@@ -1,0 +1,139 @@
+"""Simulated-user benchmark: do K of the user's own choices, added to MIPO's pairs, lift held-out adherence?
+
+For each profile of bench/quality.py the real pipeline makes MIPO's pairs on the training prompts, then the
+profile's own checker plays the user in the blind A/B: for a training prompt it sees answers the base
+model wrote under the profile's context (sampled as `chat` samples them) and picks one that meets the wish
+over one that does not (a prompt where no answer differs on the wish gives no choice). Each pick is stored
+as the app stores it (user_pairs.save_ab_pick). The same workspace then trains MIPO alone
+(`--user-weight 0`) and MIPO + the first K picks for each K, each run exported and measured like
+bench/quality.py: held-out adherence of the exported model, and neutral-text drift from `mipo-local eval`.
+
+    python bench/user_choices.py [--profiles greet,signoff,short,french] [--k 8,16,32] [--train-args "..."]
+
+The user's pairs add training items (and, when few, repeats), so a run with them takes more steps than
+MIPO alone; each row reports its steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shlex
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from quality import ALL_PROFILES, QUESTIONS, adherence, answers, mipo  # noqa: E402
+
+CANDIDATES = 8  # answers the simulated user sees per training prompt
+
+
+def simulated_picks(
+    prof, prompts: list[str], needed: int, model: str, decoding: dict
+) -> list[tuple[str, str, str]]:
+    """(prompt, picked, other): for each prompt, the first answer meeting the wish over the first that
+    does not, until `needed` picks are found (each prompt gives at most one pick per round of samples)."""
+    picks: list[tuple[str, str, str]] = []
+    for attempt in range(4):  # later attempts draw new samples for the prompts that gave none
+        for prompt in prompts:
+            if len(picks) >= needed or any(p == prompt for p, _, _ in picks):
+                continue
+            texts = answers(model, None, prof.context, [prompt] * CANDIDATES,
+                            {**decoding, "temperature": 0.7 + 0.1 * attempt}, model)  # fmt: skip
+            good = [t for t in texts if prof.check(t) and t.strip()]
+            bad = [t for t in texts if not prof.check(t) and t.strip()]
+            if good and bad:
+                picks.append((prompt, good[0], bad[0]))
+    return picks
+
+
+def measure(prof, args) -> list[dict]:
+    from mipo_local import user_pairs
+    from mipo_local.evaluate import export_engine_args, latest_export
+    from mipo_local.modelsource import base_model
+    from mipo_local.train import runs
+    from mipo_local.workspace import Workspace
+
+    train_q, held_q = QUESTIONS[: args.train_prompts], QUESTIONS[args.train_prompts :]
+    root = tempfile.mkdtemp(prefix=f"mipo-user-{prof.name}-")
+    env = {**os.environ, "MIPO_LOCAL_HOME": root}
+    mipo(env, "init", *(["--model", args.model] if args.model else []))
+    mipo(env, "context", "add", prof.context)
+    mipo(env, "prompts", "add", *train_q)
+    mipo(env, "pairs", *shlex.split(args.pairs_args))
+    ws = Workspace.open(root)
+    base = str(base_model(ws).file)
+    ks = sorted(int(k) for k in args.k.split(","))
+    decoding = {"max_tokens": args.answer_tokens} if args.answer_tokens else {}
+    picks = simulated_picks(prof, train_q, max(ks), base, decoding)
+    print(f"{prof.name}: the simulated user made {len(picks)} of the {max(ks)} choices asked for", flush=True)
+    rows, added = [], 0
+    for k in [0, *ks]:
+        for prompt, picked, other in picks[added:k]:
+            user_pairs.save_ab_pick(ws, prof.context, prompt, picked, other)
+        added = max(added, min(k, len(picks)))
+        name = f"k{k}"
+        weight = ["--user-weight", "0"] if k == 0 else []
+        mipo(env, "train", "--run", name, *weight, *shlex.split(args.train_args))
+        mipo(env, "export", "--run", name, "--no-verify")
+        export_id = ws.query("SELECT MAX(id) AS id FROM exports")[0]["id"]
+        path, lora = export_engine_args(ws, latest_export(ws, export_id))
+        tuned = answers(str(path), str(lora) if lora else None, prof.context, held_q, decoding, base)
+        drift = re.search(
+            r"drift\s+([+-]?[\d.]+)%", mipo(env, "eval", "--export", str(export_id), "--n", "8", "--no-plot")
+        )
+        summary = runs.get_run(ws, name).summary
+        row = {"profile": prof.name, "k": k, "user_pairs": summary.get("user_pairs", 0), "steps": summary["steps"],
+               "adherence": adherence(prof.check, tuned), "drift_pct": float(drift.group(1)) if drift else None}  # fmt: skip
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
+def print_curve(rows: list[dict]) -> None:
+    ks = sorted({r["k"] for r in rows})
+    print("\nheld-out adherence (drift %) by K user choices; K=0 is MIPO alone")
+    print("profile".ljust(10) + "".join(f"K={k}".rjust(16) for k in ks))
+    for name in dict.fromkeys(r["profile"] for r in rows):
+        mine = {r["k"]: r for r in rows if r["profile"] == name}
+        cells = [
+            f"{mine[k]['adherence']:.2f} ({mine[k]['drift_pct'] or 0:+.1f}%)" if k in mine else "" for k in ks
+        ]
+        print(name.ljust(10) + "".join(c.rjust(16) for c in cells))
+    means = [
+        sum(r["adherence"] for r in rows if r["k"] == k) / max(1, sum(r["k"] == k for r in rows)) for k in ks
+    ]
+    print("mean".ljust(10) + "".join(f"{m:.2f}".rjust(16) for m in means))
+    print(
+        "lift over MIPO alone: "
+        + ", ".join(f"K={k}: {m - means[0]:+.2f}" for k, m in zip(ks[1:], means[1:], strict=True))
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--profiles", default="greet,signoff,short,french")
+    ap.add_argument("--k", default="8,16,32", help="numbers of user choices to train with")
+    ap.add_argument("--train-prompts", type=int, default=24, help="the rest of the 48 questions are held out")
+    ap.add_argument("--pairs-args", default="", help="extra flags for `mipo-local pairs`")
+    ap.add_argument("--train-args", default="", help="extra flags for `mipo-local train`")
+    ap.add_argument(
+        "--model", default=None, help="the base model for `mipo-local init` (default: the embedded one)"
+    )
+    ap.add_argument(
+        "--answer-tokens", type=int, default=None, help="longest answer (default: as `chat`, 512)"
+    )
+    ap.add_argument("--json", default=None, help="also write the rows here")
+    args = ap.parse_args()
+    chosen = [p for p in ALL_PROFILES if p.name in args.profiles.split(",")]
+    rows = [row for prof in chosen for row in measure(prof, args)]
+    print_curve(rows)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -186,3 +186,20 @@ def test_onboarding_names_one_size_per_file(ws_dir):
         assert str(app.screen.query_one("#model-keep").label) == "Use the default"
 
     drive(ws_dir, scenario)
+
+
+def test_onboarding_keeps_an_empty_context_in_its_step_with_the_error(ws_dir, tiny_gguf):
+    async def scenario(app, pilot):
+        await pilot.click("#model-pick")
+        app.screen.query_one("#spec", Input).value = str(tiny_gguf)
+        await pilot.press("enter")
+        await settle(app, pilot)
+        assert str(app.screen.query_one("#model-keep").label) == "Keep it"
+        await pilot.click("#context-save")  # nothing typed yet
+        error = app.screen.query_one("#context-error", Label)
+        assert error.display and str(error.render()).startswith("The context is empty")
+        await pilot.press(*"I am Ana.")  # the text area kept the focus
+        await pilot.click("#context-save")
+        assert app.screen.query_one("#steps").current == "step-prompts"
+
+    drive(ws_dir, scenario)

@@ -44,7 +44,7 @@ EXPLANATIONS = [
     (
         "Drift",
         "how much worse the personalized model predicts that ordinary text than the base; near 0% means "
-        "nothing else was damaged.",
+        "nothing else is damaged.",
     ),
 ]
 JUDGE_EXPLANATION = (

@@ -9,8 +9,10 @@ from textual.screen import Screen
 from textual.widgets import Button, ContentSwitcher, Footer, Label, Static, TextArea
 
 from mipo_local import catalog, modelsource
+from mipo_local.errors import MipoError
 from mipo_local.synth import synthesize_prompts
 
+from ..format import error_sentence
 from ..widgets.job_runner import JobRunner
 from ..widgets.model_line import model_summary
 from .model_picker import ModelPickerScreen
@@ -37,12 +39,14 @@ class OnboardingScreen(Screen[None]):
                     "how you want answers)."
                 )
                 yield TextArea(id="context-text", soft_wrap=True)
+                yield Label("", id="context-error", classes="dialog-error", markup=False)
                 with Horizontal(classes="buttons"):
                     yield Button("Save and continue", variant="primary", id="context-save")
                     yield Button("Skip", id="context-skip")
             with Vertical(id="step-prompts", classes="step"):
                 yield Label("3/3  Questions you tend to ask, one per line (or let the model propose some).")
                 yield TextArea(id="prompts-text", soft_wrap=True)
+                yield Label("", id="prompts-error", classes="dialog-error", markup=False)
                 with Horizontal(classes="buttons"):
                     yield Button("Add and finish", variant="primary", id="prompts-add")
                     yield Button(f"Synthesize {SYNTH_N}", id="prompts-synth")
@@ -106,8 +110,20 @@ class OnboardingScreen(Screen[None]):
     @on(Button.Pressed, "#context-save")
     def save_context(self) -> None:
         text = self.query_one("#context-text", TextArea).text
-        if self.app.attempt(self.app.ws.add_context, text) is not None:
+        if self._saved("#context-text", "#context-error", self.app.ws.add_context, text):
             self._go("step-prompts")
+
+    def _saved(self, field: str, error: str, save, *args) -> bool:
+        """Save through the library; its error shows under the field, which keeps the focus."""
+        try:
+            save(*args)
+        except MipoError as err:
+            label = self.query_one(error, Label)
+            label.update(error_sentence(err))
+            label.add_class("-shown")
+            self.query_one(field).focus()
+            return False
+        return True
 
     @on(Button.Pressed, "#context-skip")
     def skip_context(self) -> None:
@@ -118,7 +134,7 @@ class OnboardingScreen(Screen[None]):
     @on(Button.Pressed, "#prompts-add")
     def add_prompts(self) -> None:
         lines = [ln for ln in self.query_one("#prompts-text", TextArea).text.splitlines() if ln.strip()]
-        if lines and self.app.attempt(self.app.ws.add_prompts, lines) is None:
+        if lines and not self._saved("#prompts-text", "#prompts-error", self.app.ws.add_prompts, lines):
             return
         self.finish()
 

@@ -13,6 +13,7 @@ import json
 
 import numpy as np
 import pytest
+from textual.widgets import Static
 
 from mipo_local import candidates, merge, rounds
 from mipo_local.adapter_io import ADAPTER_FILE, load_adapter
@@ -24,6 +25,7 @@ from mipo_local.settings import PairSettings
 from mipo_local.train import runs
 from tests import exporthelp
 from tests.clihelp import run_cli
+from tests.test_tui_core import drive, settle
 
 # Measured on the tiny F32 model: base + adapter in llama.cpp against the F16-merged file differ by
 # at most ~3e-3 nats per token (the F16 rounding of the merged weights); 0.02 per token leaves room.
@@ -94,6 +96,18 @@ def test_train_from_run_continues_its_lora_and_records_the_round(tiny_workspace)
     assert r2.summary["train_pairs"] + r2.summary["heldout_pairs"] == 4  # round 2's pairs only
     shown = run_cli("runs", "show", "r2").stdout
     assert "round 2 (pairs sampled by run 'r1')" in shown
+    assert [line.split()[:3] for line in run_cli("runs", "list").stdout.splitlines()[-2:]] == [
+        ["r1", "finished", "1"],
+        ["r2", "finished", "2"],
+    ]
+
+    async def the_train_screen_names_the_round(app, pilot):
+        await pilot.press("4")
+        await settle(app, pilot)
+        state = str(app.screen.query_one("#run-state", Static).render())
+        assert "r2" in state and "round 2 (pairs sampled by run 'r1')" in state
+
+    drive(tiny_workspace.root, the_train_screen_names_the_round)
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])

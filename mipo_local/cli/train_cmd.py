@@ -164,11 +164,13 @@ def list_cmd(ctx: click.Context) -> None:
     for r in run_store.list_runs(open_workspace(ctx)):
         final = (r.summary or {}).get("final") or {}
         acc = f"{final['accuracy']:.2f}" if "accuracy" in final else ""
-        rows.append([r.name, r.status, r.backend or "", str((r.summary or {}).get("steps", "")), acc])
+        rows.append(
+            [r.name, r.status, str(r.round), r.backend or "", str((r.summary or {}).get("steps", "")), acc]
+        )
     if not rows:
         click.echo("No runs yet. Train one: mipo-local train")
         return
-    table(rows, ["name", "status", "backend", "steps", "heldout acc"])
+    table(rows, ["name", "status", "round", "backend", "steps", "heldout acc"])
 
 
 @runs.command()
@@ -178,11 +180,7 @@ def show(ctx: click.Context, name: str) -> None:
     """Show a run's settings and its logged metrics."""
     ws = open_workspace(ctx)
     run = run_store.require_run(ws, name)
-    round_ = run.settings.get("round") or 1
-    origin = (
-        f", round {round_} (pairs sampled by run '{run.settings['from_run']}')" if round_ > 1 else ", round 1"
-    )
-    click.echo(f"Run {run.name}: {run.status}, backend {run.backend}{origin}")
+    click.echo(f"Run {run.name}: {run.status}, backend {run.backend}, {run.describe_round()}")
     summary = run.summary or {}
     if summary:
         mine = summary.get("user_pairs", 0)

@@ -26,6 +26,17 @@ class Run:
     created_at: float
     updated_at: float
 
+    @property
+    def round(self) -> int:
+        """Its self-improvement round: 1 for a run on the base model's pairs."""
+        return int(self.settings.get("round") or 1)
+
+    def describe_round(self) -> str:
+        """ "round 1", or "round 2 (pairs sampled by run 'run-1')"."""
+        if self.round == 1:
+            return "round 1"
+        return f"round {self.round} (pairs sampled by run '{self.settings.get('from_run')}')"
+
     @classmethod
     def from_row(cls, r) -> Run:
         return cls(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from rich.markup import escape
 from textual import on
 from textual.app import ComposeResult, SystemCommand
 from textual.binding import Binding
@@ -94,7 +95,7 @@ class TrainScreen(SectionScreen):
             return
         log = runs.read_log(self.ws, run.id)
         steps = [x for x in log if x["kind"] == "train"]
-        line = f"[b]{run.name}[/]: {run.status}"
+        line = f"[b]{run.name}[/]: {run.status} · {escape(run.describe_round())}"
         if steps:
             last = steps[-1]
             total = next((x.get("total_steps") for x in reversed(log) if x["kind"] == "info"), None)

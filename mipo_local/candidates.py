@@ -8,20 +8,28 @@ sampled again with fresh seeds, up to RESAMPLE_ATTEMPTS times, and the plan is d
 
 Seeds derive from the plan's key, the side, the candidate and the attempt, so the same plan always gives
 the same answers (resume depends on it).
+
+`choose_steps` yields a `ChooseStep` after every decode step of the engine, so a job reports progress and
+stops between two decode steps; `choose` runs it through.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from .degenerate import verdict
-from .engine import GenRequest, GenResult, Penalties
+from .engine import DecodeStep, GenRequest, GenResult, Penalties
+from .progress import drain
 from .settings import PairSettings
 
 RESAMPLE_ATTEMPTS = 2  # extra rounds of positives for a plan whose every positive is degenerate
+# A choice's share of time spent scoring: every answer is read twice (under c and c'), in wide parallel
+# batches, which costs far less per token than sampling it one token per step.
+SCORING_SHARE = 0.2
 
 
 def stable_int(*parts: object) -> int:
@@ -80,11 +88,20 @@ def _requests(items: list[Item], settings: PairSettings, side: str, attempt: int
     return out
 
 
-def _scores(engine, items: list[Item], answers: dict, side: str, k: int) -> dict[str, tuple[list, list]]:
+@dataclass(frozen=True)
+class ChooseStep:
+    """One decode step of `choose_steps`: the engine's step and the share of the whole choice done."""
+
+    step: DecodeStep
+    fraction: float
+    attempt: int  # 0: the first sampling; 1..: positives sampled again after degenerate ones
+
+
+def _scores(engine, items: list[Item], answers: dict, side: str, k: int) -> Generator[DecodeStep, None, dict]:
     """(log p(y|c,x), log p(y|c',x)) of each candidate of `side`, in one batched pass."""
     pairs = [(prompt, answers[(it.key, side, j)].tokens) for it in items for prompt in (it.pos, it.score_neg)
              for j in range(k)]  # fmt: skip
-    flat = iter(engine.score_many(pairs))
+    flat = iter((yield from engine.score_many_steps(pairs)))
     out = {}
     for it in items:
         with_c = [next(flat) for _ in range(k)]
@@ -93,22 +110,58 @@ def _scores(engine, items: list[Item], answers: dict, side: str, k: int) -> dict
     return out
 
 
-def choose(engine, items: list[Item], settings: PairSettings) -> dict[str, Choice]:
+def choose(
+    engine, items: list[Item], settings: PairSettings, on_step: Callable[[ChooseStep], None] | None = None
+) -> dict[str, Choice]:
     """Sample, score and choose both answers of every item (see the module docstring)."""
+    return drain(choose_steps(engine, items, settings), on_step)
+
+
+def _relay(steps: Generator, low: float, width: float, attempt: int):
+    """The engine's steps as ChooseSteps whose share of the choice runs from `low` over `width`;
+    returns what `steps` returns."""
+    while True:
+        try:
+            step = next(steps)
+        except StopIteration as stop:
+            return stop.value
+        yield ChooseStep(step, low + width * step.fraction, attempt)
+
+
+def choose_steps(
+    engine, items: list[Item], settings: PairSettings
+) -> Generator[ChooseStep, None, dict[str, Choice]]:
+    """`choose`, yielding a ChooseStep after every decode step; returns the choices by item key."""
     k, score = settings.candidates, settings.score or settings.candidates > 1
     choices: dict[str, Choice] = {}
     pending, passed_over = list(items), {it.key: [] for it in items}
     answers: dict = {}
     negs: dict = {}
+    sampled = 1.0 - SCORING_SHARE if score else 1.0  # the share done when sampling ends
     for attempt in range(RESAMPLE_ATTEMPTS + 1):
         # The negatives decode with the first positives, in one continuous batch.
         requests = _requests(pending, settings, "pos", attempt)
         if attempt == 0:
             requests = _requests(items, settings, "neg", 0) + requests
-        answers.update({r.id: r for r in engine.generate(requests)})
-        if attempt == 0 and score:
-            negs = _scores(engine, items, answers, "neg", k)
-        poss = _scores(engine, pending, answers, "pos", k) if score else {}
+        # The share of the choice done: sampling up to `sampled`, then each scoring pass its part of the
+        # rest. Sampling again is unplanned work: its steps hold the share at "done" rather than move it back.
+        first = attempt == 0
+        for item in engine.generate_steps(requests):
+            if isinstance(item, DecodeStep):
+                yield ChooseStep(item, sampled * item.fraction if first else 1.0, attempt)
+            else:
+                answers[item.id] = item
+        results = {}
+        if score:
+            passes = ([(items, "neg")] if first else []) + [(pending, "pos")]
+            width = SCORING_SHARE / len(passes) if first else 0.0
+            for n, (group, side) in enumerate(passes):
+                low = sampled + n * width if first else 1.0
+                results[side] = yield from _relay(
+                    _scores(engine, group, answers, side, k), low, width, attempt
+                )
+        negs = results.get("neg", negs)
+        poss = results.get("pos", {})
         retry = []
         for it in pending:
             cands = [answers[(it.key, "pos", j)] for j in range(k)]

@@ -11,13 +11,17 @@ KV cache). A request's answer does not depend on the other requests' seeds, but 
 do depend a little on the batch around a sequence: on the default model (F16, temperature 0.1, 96 tokens)
 7 of 8 answers were identical alone and inside a batch of 16. Pair generation therefore always decodes the
 same batches for the same plan, so a resumed run matches an uninterrupted one token for token.
+
+Long calls come in two forms: `generate_steps` / `token_logprobs_steps` yield a `DecodeStep` after every
+`llama_decode`, so a job built on them reports progress and stops (closing the generator) between two
+decode steps; `generate` / `token_logprobs` / `score_many` run them through, with an optional `on_step`.
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +30,7 @@ import numpy as np
 from .errors import UserInputError
 from .fsutil import usable_cores
 from .llama_loader import load_llama
+from .progress import drain
 
 
 class TooLongError(UserInputError, ValueError):
@@ -90,6 +95,29 @@ class GenResult:
     text: str
     finish_reason: str  # stop | length
     prompt_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class DecodeStep:
+    """One `llama_decode` call of a long engine call has finished.
+
+    `work_done / work_total` is the call's share done: in sampling, a request counts its `max_tokens`
+    (a finished one fully, so the share never runs backwards); in scoring, the tokens of the items scored.
+    """
+
+    phase: str  # sampling | scoring
+    done: int  # requests (sampling) or items (scoring) finished
+    total: int
+    tokens: int  # tokens generated (sampling) or read (scoring) so far
+    work_done: int
+    work_total: int
+
+    @property
+    def fraction(self) -> float:
+        return 1.0 if self.work_total <= 0 else min(1.0, self.work_done / self.work_total)
+
+
+OnStep = Callable[[DecodeStep], None] | None
 
 
 @dataclass
@@ -300,8 +328,18 @@ class Engine:
 
     # -- generation ------------------------------------------------------------------------------
 
-    def generate(self, requests: Sequence[GenRequest]) -> Iterator[GenResult]:
-        """Sample answers for all requests, n_seq at a time; yields each result as it finishes."""
+    def generate(self, requests: Sequence[GenRequest], on_step: OnStep = None) -> Iterator[GenResult]:
+        """Sample answers for all requests, n_seq at a time; yields each result as it finishes.
+
+        `on_step` sees a DecodeStep after every decode step."""
+        for item in self.generate_steps(requests):
+            if not isinstance(item, DecodeStep):
+                yield item
+            elif on_step is not None:
+                on_step(item)
+
+    def generate_steps(self, requests: Sequence[GenRequest]) -> Iterator[GenResult | DecodeStep]:
+        """`generate`, yielding a DecodeStep after every decode step as well as each finished result."""
         limit = self.ctx_per_seq
         for r in requests:
             for prompt in (r.prompt, r.guide_prompt or []):
@@ -317,6 +355,8 @@ class Engine:
         queue = list(requests)[::-1]
         slots: dict[int, _Slot] = {}
         free = list(range(self.n_seq))[::-1]
+        budget_total = sum(r.max_tokens for r in requests)
+        finished = finished_budget = generated = 0
         while queue or slots:
             # Admit new requests into free slots while their prompts fit one batch.
             budget = self.n_batch - sum(1 + (s.guide_seq is not None) for s in slots.values())
@@ -371,12 +411,24 @@ class Engine:
                     free.append(seq)
                     if slot.guide_seq is not None:
                         free.append(slot.guide_seq)
+                    finished += 1
+                    finished_budget += req.max_tokens
+                    generated += len(slot.tokens)
                     yield GenResult(
                         req.id, slot.tokens, self.detokenize(slot.tokens), reason, len(req.prompt)
                     )
                 else:
                     slot.pending = [tok]
                     slot.guide_pending = [tok] if slot.guide_seq is not None else []
+            active = sum(len(s.tokens) for s in slots.values())
+            yield DecodeStep(
+                "sampling",
+                finished,
+                len(requests),
+                generated + active,
+                finished_budget + active,
+                budget_total,
+            )
 
     def _admit(self, req: GenRequest, free: list[int], slots: dict, led: bool = False) -> int:
         """Give `req` a free sequence (two when guided), emptied; returns its sequence id."""
@@ -438,13 +490,23 @@ class Engine:
 
     # -- scoring ---------------------------------------------------------------------------------
 
-    def token_logprobs(self, items: Sequence[tuple[list[int], list[int]]]) -> list[np.ndarray]:
+    def token_logprobs(
+        self, items: Sequence[tuple[list[int], list[int]]], on_step: OnStep = None
+    ) -> list[np.ndarray]:
         """Per-token log p(response token | prompt + earlier response tokens) for each (prompt, response).
 
         Items are decoded n_seq at a time; items of one decode that share a prompt (a pair's chosen and
         rejected answers, a prompt's K candidates) read that prompt once. A response's last token is never
-        decoded: nothing is predicted from it."""
+        decoded: nothing is predicted from it. `on_step` sees a DecodeStep after every decode."""
+        return drain(self.token_logprobs_steps(items), on_step)
+
+    def token_logprobs_steps(
+        self, items: Sequence[tuple[list[int], list[int]]]
+    ) -> Generator[DecodeStep, None, list[np.ndarray]]:
+        """`token_logprobs`, yielding a DecodeStep after every decode; returns the log-probs."""
         results: list[np.ndarray] = [np.zeros(0)] * len(items)
+        work_total = sum(len(p) + len(r) for p, r in items)
+        work_done = read = 0
         i = 0
         while i < len(items):
             prompts: dict[tuple[int, ...], list[int]] = {}  # prompt -> the sequences that share it
@@ -487,11 +549,21 @@ class Engine:
                 if response:
                     logits = np.stack([self._logits(r) for r in rows[s][: len(response)]])
                     results[idx] = target_logprobs(logits, response)
+            read += len(entries)
+            work_done += sum(len(items[idx][0]) + len(items[idx][1]) for idx in members)
+            yield DecodeStep("scoring", i, len(items), read, work_done, work_total)
         return results
 
-    def score_many(self, items: Sequence[tuple[list[int], list[int]]]) -> list[float]:
+    def score_many(self, items: Sequence[tuple[list[int], list[int]]], on_step: OnStep = None) -> list[float]:
         """Summed log-probs of each response given its prompt."""
-        return [float(x.sum()) for x in self.token_logprobs(items)]
+        return [float(x.sum()) for x in self.token_logprobs(items, on_step)]
+
+    def score_many_steps(
+        self, items: Sequence[tuple[list[int], list[int]]]
+    ) -> Generator[DecodeStep, None, list[float]]:
+        """`score_many`, yielding a DecodeStep after every decode; returns the summed log-probs."""
+        lps = yield from self.token_logprobs_steps(items)
+        return [float(x.sum()) for x in lps]
 
     def score(self, prompt: list[int], response: list[int]) -> float:
         return self.score_many([(prompt, response)])[0]

@@ -25,7 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields, replace
 
@@ -34,8 +34,9 @@ import numpy as np
 from . import candidates, modelsource, rounds
 from .chat import chat_format
 from .errors import UserInputError
+from .pairs_progress import PairsMeter
 from .personas import negative_pool
-from .progress import EtaClock, Log, Progress
+from .progress import Log, Progress, drain
 from .rounds import Sampler
 from .settings import NEGATIVE_STRATEGIES, PairSettings
 from .validation import require_number, require_seed
@@ -272,20 +273,22 @@ def generate_pairs(
             return summary
         fitting = [e for p in plans if p.key not in too_long for e in encoded[p.key].values()]
         ctx_per_seq = min(max(map(len, fitting)) + settings.max_tokens + 2, n_ctx_train)
-        engine = Engine(
-            model.file, n_seq=settings.batch_size, ctx_per_seq=ctx_per_seq, lora_path=sampler.adapter
-        )
-        clock = EtaClock(len(runnable))
-        yield clock.event("pairs", 0, unit="pairs")
         # Chunks are cut from the full plan, not from what is left, for the same reason.
         position = {p.key: i // CHUNK_PAIRS for i, p in enumerate(plans)}
         chunks: dict[int, list[PairPlan]] = {}
         for plan in runnable:
             chunks.setdefault(position[plan.key], []).append(plan)
-        finished = 0
+        meter = PairsMeter(len(runnable), len(chunks))
+        yield meter.loading()
+        engine = Engine(
+            model.file, n_seq=settings.batch_size, ctx_per_seq=ctx_per_seq, lora_path=sampler.adapter
+        )
         try:
             for chunk in chunks.values():
-                rows, dropped = _run_chunk(engine, chunk, encoded, settings, model.sha256, summary, sampler)
+                meter.start_chunk(len(chunk))
+                counts = dict(kept=summary.generated, dropped=summary.dropped)
+                steps = _chunk_steps(engine, chunk, encoded, settings, model.sha256, summary, sampler)
+                rows, dropped = yield from _relay(steps, lambda step, c=counts: meter.step(step, **c))
                 with ws.transaction() as conn:
                     for row in rows:
                         conn.execute(_INSERT_PAIR, row)
@@ -304,10 +307,7 @@ def generate_pairs(
                 summary.generated += len(rows)
                 summary.dropped += sum(row is not None for _, _, row in dropped)
                 summary.dropped_degenerate += sum(row is None for _, _, row in dropped)
-                finished += len(chunk)
-                yield clock.event(
-                    "pairs", finished, unit="pairs", kept=summary.generated, dropped=summary.dropped
-                )
+                yield meter.committed(len(chunk), kept=summary.generated, dropped=summary.dropped)
         finally:
             engine.close()
         return summary
@@ -338,7 +338,17 @@ VALUES (:pair_key, :prompt_id, :context_id, :prompt, :context, :neg_context, :ne
 """
 
 
-def _run_chunk(
+def _relay(steps: Generator, event: Callable):
+    """Yield `event(step)` for each step of `steps`; returns what `steps` returns."""
+    while True:
+        try:
+            step = next(steps)
+        except StopIteration as stop:
+            return stop.value
+        yield event(step)
+
+
+def _chunk_steps(
     engine,
     chunk: list[PairPlan],
     encoded,
@@ -347,7 +357,7 @@ def _run_chunk(
     stats=None,
     sampler: Sampler | None = None,
 ):
-    """Sample, score and select the pairs of one chunk (candidates.choose).
+    """Sample, score and select the pairs of one chunk (candidates.choose_steps), yielding its steps.
 
     Returns (rows to insert, [(key, reason, row or None) dropped]); `stats` (a PairsSummary) counts the
     degenerate positives passed over."""
@@ -356,7 +366,7 @@ def _run_chunk(
                         encoded[plan.key]["score_neg"], plan.context, plan.prompt)
         for plan in chunk
     ]  # fmt: skip
-    choices = candidates.choose(engine, items, settings)
+    choices = yield from candidates.choose_steps(engine, items, settings)
     sampler_info = {"sampler_adapter_sha256": sampler.adapter_sha256} if sampler and sampler.run else {}
     rows, dropped = [], []
     for plan in chunk:
@@ -435,12 +445,18 @@ def regenerate_pair(
     )
     with ws.job("pairs", f"mipo-local pairs regenerate {pair_id}"):
         yield Log("pairs", f"Regenerating pair {pair_id} with seed {seed}.")
-        row = sample_plan(model, plan, settings, sampler)
-        if row is None:
+        meter = PairsMeter(1, 1)
+        yield meter.loading()
+        with _plan_engine(model, plan, settings, sampler) as (engine, encoded):
+            meter.start_chunk(1)
+            steps = _chunk_steps(engine, [plan], encoded, settings, model.sha256, sampler=sampler)
+            rows, _ = yield from _relay(steps, meter.step)
+        if not rows:
             raise UserInputError(
                 f"Every answer sampled for pair {pair_id} with seed {seed} was degenerate (a loop or an "
                 "echo); try again for another seed."
             )
+        row = rows[0]
         with ws.transaction() as conn:
             # A user pair is never overwritten: one reviewed meanwhile (another process) keeps its answers.
             updated = conn.execute(
@@ -453,7 +469,7 @@ def regenerate_pair(
             conn.execute("DELETE FROM ref_logps WHERE pair_id = ?", (pair_id,))
         if not updated:  # deleted or reviewed by another process meanwhile: nothing to put the answers in
             raise UserInputError(f"Pair {pair_id} was deleted or reviewed while it was being regenerated.")
-        yield Progress("pairs", 1, 1, unit="pairs")
+        yield meter.committed(1)
     return seed
 
 
@@ -461,7 +477,7 @@ def sample_plan(model, plan: PairPlan, settings: PairSettings, sampler: Sampler 
     """Sample, score and choose the two answers of one plan on its own engine: the pair's row, or None
     when every positive was degenerate. `model`: the base model (modelsource.BaseModel)."""
     with _plan_engine(model, plan, settings, sampler) as (engine, encoded):
-        rows, _ = _run_chunk(engine, [plan], encoded, settings, model.sha256, sampler=sampler)
+        rows, _ = drain(_chunk_steps(engine, [plan], encoded, settings, model.sha256, sampler=sampler))
     return rows[0] if rows else None
 
 

@@ -2,6 +2,8 @@
 
 A job is a generator of `Progress` events (and may yield `Log` lines). Cancelling is closing the
 generator (or raising Cancelled from the consumer's callback); each job commits what it finished first.
+Jobs yield between their smallest units of work (a decode step, a training micro-batch), so a consumer
+gets control, and may close the job, within one such unit; it draws at the pace it likes.
 """
 
 from __future__ import annotations
@@ -21,9 +23,13 @@ class Progress:
     rate: float | None = None  # units per second
     unit: str = "it"
     metrics: dict[str, Any] = field(default_factory=dict)
+    phase: str = ""  # what the job is doing now: loading model, sampling, reference pass, training...
+    share: float | None = None  # the whole job's share done, partial units included (None: done/total)
 
     @property
     def fraction(self) -> float:
+        if self.share is not None:
+            return min(1.0, max(0.0, self.share))
         return 0.0 if self.total <= 0 else min(1.0, self.done / self.total)
 
 
@@ -55,6 +61,27 @@ class EtaClock:
         return Progress(stage, done, self.total, message, eta, rate, unit, metrics)
 
 
+class ShareClock:
+    """The ETA of a job from its share done (0..1, partial units included), measured from the first call.
+
+    The share moves at every decode step or micro-batch, so the ETA moves with it instead of waiting for a
+    whole unit; time spent before the first call (loading a model) does not count against the rate."""
+
+    def __init__(self) -> None:
+        self.start: float | None = None
+        self.start_share = 0.0
+
+    def eta(self, share: float) -> float | None:
+        now = time.monotonic()
+        if self.start is None:
+            self.start, self.start_share = now, share
+            return None
+        fresh, elapsed = share - self.start_share, now - self.start
+        if fresh <= 0 or elapsed <= 0:
+            return None
+        return max(0.0, (1.0 - share) * elapsed / fresh)
+
+
 def format_eta(seconds: float | None) -> str:
     if seconds is None:
         return "--:--"
@@ -62,6 +89,17 @@ def format_eta(seconds: float | None) -> str:
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
+
+
+def drain(steps, on_step=None):
+    """Run a generator of steps through, passing each to `on_step` (when given); returns its value."""
+    while True:
+        try:
+            step = next(steps)
+        except StopIteration as stop:
+            return stop.value
+        if on_step is not None:
+            on_step(step)
 
 
 def run_to_end(job):

@@ -15,7 +15,7 @@ from collections.abc import Generator
 from . import gguf_io, modelsource
 from .chat import chat_format
 from .errors import UserInputError
-from .progress import EtaClock, Log, Progress
+from .progress import EtaClock, Log, Progress, ShareClock
 from .settings import SynthSettings, with_overrides
 from .validation import PROMPT_CHARS_MAX, check_text, require_seed
 from .workspace import Workspace, normalize_text
@@ -37,6 +37,7 @@ HEADER = "Each person below wrote a note about themselves, then asked an AI assi
 N_RANGE = (1, 1000)
 BATCH = 16
 MAX_TOKENS = 40  # one question; the model often goes on with a new example, which is cut off
+PHASE = "writing questions"
 CONFIG_KEY = "synth.next_attempt"  # seeds continue across runs, so a rerun proposes new questions
 
 _PREFIX = re.compile(r"^\s*(?:[-*+]|\d+[.)]|q(?:uestion)?\s*\d*\s*[:.)-])\s*", re.IGNORECASE)
@@ -104,7 +105,7 @@ def synthesize_prompts(
     Raises:
         UserInputError: `n` out of range, or no contexts to write questions for.
     """
-    from .engine import Engine, GenRequest
+    from .engine import DecodeStep, Engine, GenRequest
 
     settings = with_overrides(SynthSettings(), n=n, seed=seed, temperature=temperature)
     n, seed, temperature = settings.n, settings.seed, settings.temperature
@@ -136,7 +137,9 @@ def synthesize_prompts(
     clock = EtaClock(n)
     ctx_per_seq = min(max(len(encoded[c.id]) for c in usable) + MAX_TOKENS + 16, n_ctx)
     with ws.job("synth", f"mipo-local prompts synth --n {n}"):
+        yield Progress("synth", 0, n, "loading the model", unit="prompts", phase="loading model", share=0.0)
         engine = Engine(model.file, n_seq=BATCH, ctx_per_seq=ctx_per_seq)
+        share_clock = ShareClock()
         try:
             while added < n and tries < n * 8:
                 batch = []
@@ -156,8 +159,21 @@ def synthesize_prompts(
                     )
                     attempt += 1
                 tries += len(batch)
+                results = []
+                # A batch is expected to bring as many questions per draft as the batches before it (half
+                # of them before the first), so the share done moves while the batch is written.
+                per_draft = added / (tries - len(batch)) if tries > len(batch) else 0.5
+                expected = min(n - added, per_draft * len(batch))
+                for item in engine.generate_steps(batch):
+                    if not isinstance(item, DecodeStep):
+                        results.append(item)
+                        continue
+                    share = (added + expected * item.fraction) / n
+                    message = f"{item.tokens} tokens, {item.done}/{item.total} drafts done"
+                    yield Progress("synth", added, n, message, share_clock.eta(share), None, "prompts",
+                                   phase=PHASE, share=share)  # fmt: skip
                 fresh = []
-                for result in sorted(engine.generate(batch), key=lambda r: r.id):
+                for result in sorted(results, key=lambda r: r.id):
                     q = clean_candidate(result.text)
                     if q is None or q.casefold() in existing or copies_context(q, result.id[1]):
                         continue
@@ -172,7 +188,9 @@ def synthesize_prompts(
                     new, _ = ws.add_prompts(fresh, source="synthetic")
                     added += len(new)
                 ws.set_config(CONFIG_KEY, attempt)
-                yield clock.event("synth", added, unit="prompts")
+                rate, _ = clock.estimate(added)
+                yield Progress("synth", added, n, "batch saved", share_clock.eta(added / n), rate, "prompts",
+                               phase=PHASE, share=added / n)  # fmt: skip
         finally:
             engine.close()
     if added < n:

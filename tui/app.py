@@ -72,6 +72,8 @@ class MipoApp(App):
     def __init__(self, ws: Workspace) -> None:
         super().__init__()
         self.ws = ws
+        self.jobs: set = set()  # every JobRunner that started a job: quitting waits for theirs to stop
+        self.quitting = False
 
     def on_mount(self) -> None:
         if self.needs_onboarding():
@@ -113,6 +115,29 @@ class MipoApp(App):
     def action_go(self, mode: str) -> None:
         if mode in self.MODES:
             self.switch_mode(mode)
+
+    async def action_quit(self) -> None:
+        """Quit at once when no job runs; otherwise stop the jobs, say so, and quit once they stopped."""
+        running = [job for job in self.jobs if job.busy]
+        if not running:
+            self.exit()
+            return
+        names = " and ".join(sorted({job.job_name for job in running}))
+        if not self.quitting:
+            self.quitting = True
+            for job in running:
+                job.stop_for_quit()
+        self.notify(
+            f"Stopping the {names} job after the current step; the app closes as soon as it has stopped. "
+            "Finished work is kept.",
+            title="Quitting",
+            timeout=60,
+        )
+
+    def job_stopped(self) -> None:
+        """A job ended while quitting: close the app when it was the last one."""
+        if self.quitting and not any(job.busy for job in self.jobs):
+            self.exit()
 
     def action_help(self) -> None:
         if not isinstance(self.screen, HelpScreen):

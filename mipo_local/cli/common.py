@@ -30,13 +30,17 @@ def _bar(fraction: float, width: int = 28) -> str:
     return "#" * filled + "-" * (width - filled)
 
 
+PIPED_EVERY_S = 10.0  # when piped, a line at least this often while a job moves
+
+
 class ProgressPrinter:
-    """Draws Progress events as one updating line on a terminal, or a line per ~10% when piped."""
+    """Draws Progress events as one updating line on a terminal; when piped, a line per ~10% of the job,
+    per new phase, and at least every PIPED_EVERY_S seconds."""
 
     def __init__(self, stream=None):
         self.stream = stream or sys.stderr
         self.tty = self.stream.isatty()
-        self._last_pct: dict[str, int] = {}
+        self._last_line: dict[str, tuple[int, str, float]] = {}  # stage -> (tenth, phase, when)
         self._last_draw = 0.0
         self._open_line = False
 
@@ -48,12 +52,14 @@ class ProgressPrinter:
             return
         rate = f" {event.rate:.2f} {event.unit}/s" if event.rate else ""
         metrics = "".join(f" {k}={_fmt(v)}" for k, v in event.metrics.items())
+        phase = f" {event.phase}:" if event.phase else ""
+        counts = f" {event.done}/{event.total} {event.unit}" if event.total > 0 else ""
         line = (
-            f"{event.stage:>7} [{_bar(event.fraction)}] {event.done}/{event.total}"
+            f"{event.stage:>7} [{_bar(event.fraction)}]{phase}{counts}"
             f"{rate} ETA {format_eta(event.eta_s)}{metrics} {event.message}"
         ).rstrip()
+        now = time.monotonic()
         if self.tty:
-            now = time.monotonic()
             if now - self._last_draw < 0.1 and event.done < event.total:
                 return
             self._last_draw = now
@@ -64,9 +70,10 @@ class ProgressPrinter:
             if event.done >= event.total:
                 self._end_line()
         else:
-            pct = int(event.fraction * 10)
-            if self._last_pct.get(event.stage) != pct or event.done >= event.total:
-                self._last_pct[event.stage] = pct
+            tenth = int(event.fraction * 10)
+            last = self._last_line.get(event.stage)
+            if last is None or last[:2] != (tenth, event.phase) or now - last[2] >= PIPED_EVERY_S:
+                self._last_line[event.stage] = (tenth, event.phase, now)
                 click.echo(line, err=True)
 
     def _end_line(self) -> None:

@@ -26,7 +26,7 @@ from ..adapter_io import ADAPTER_FILE, save_adapter
 from ..errors import MipoError, TrainingError, UserInputError
 from ..fsutil import atomic_dir, atomic_write_text, private_dir
 from ..pairs_store import list_pairs
-from ..progress import EtaClock, Log, Progress
+from ..progress import Log, Progress, drain
 from ..quantize import resolve_quant
 from ..settings import LORA_TARGETS, ROUND_INITS, ROUND_REFS, ExportSettings, TrainSettings
 from ..user_pairs import USER, list_user_pairs
@@ -37,6 +37,7 @@ from .backend import Backend, LoraConfig, PairBatch
 from .batching import ANCHORS, TrainPair, encode_pairs, epoch_order, micro_batches, split_heldout
 from .checkpoints import STATE_FILE, load_latest_checkpoint, save_checkpoint
 from .dpo import dpo_metrics, dpo_terms
+from .meter import HELDOUT, LOADING, REFERENCE, TRAINING, Plan, TrainMeter
 from .reference import LLAMA_CPP, backend_source, cached, llama_cpp_refs, mean_abs_difference, reference_logps
 
 HELDOUT_FILE = "heldout.json"
@@ -163,10 +164,18 @@ def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
 
 def evaluate(backend: Backend, items: list[TrainPair], refs: dict, beta: float) -> tuple[dict, dict]:
     """Held-out DPO metrics of the current policy, and its summed log-probs per pair id."""
+    return drain(evaluate_steps(backend, items, refs, beta))
+
+
+def evaluate_steps(
+    backend: Backend, items: list[TrainPair], refs: dict, beta: float
+) -> Generator[Progress, None, tuple[dict, dict]]:
+    """`evaluate`, yielding the held-out pairs scored after every chunk of them."""
     policy = {}
     for chunk in micro_batches(items, 4):
         c, r = backend.logprobs([t.encoded for t in chunk], adapter=True)
         policy.update({t.pair_id: (float(a), float(b)) for t, a, b in zip(chunk, c, r, strict=True)})
+        yield Progress("train", len(policy), len(items), "held-out pairs scored", unit="held-out pairs")
     ids = [t.pair_id for t in items]
     arrays = [np.array([src[i][k] for i in ids]) for src in (policy, refs) for k in (0, 1)]
     loss, r_c, r_r = dpo_terms(*arrays, beta, np)
@@ -299,7 +308,9 @@ def _train_run(ws, settings, run, model, pairs, resume) -> Generator[Progress | 
     started = time.monotonic()
     root = private_dir(runs.run_dir(ws, run.name))
     backend = pick_backend(settings)
+    meter = TrainMeter()
     yield Log("train", f"Run '{run.name}': loading {model.name} for the {backend.name} backend...")
+    yield meter.event(LOADING, 0, 0, "steps", f"{model.name} for the {backend.name} backend")
     lora = LoraConfig(settings.rank, settings.alpha, tuple(settings.targets))
     try:
         backend.load(model.file, lora, seed=settings.seed, device=settings.device)
@@ -331,21 +342,38 @@ def _train_run(ws, settings, run, model, pairs, resume) -> Generator[Progress | 
     train_items = train_items + [t for t in train_items if t.pair_id in mine] * (repeats - 1)
     weight = {i: settings.user_weight for i in mine}
 
+    # The schedule.
+    per_step = settings.batch_size * settings.grad_accum
+    steps_per_epoch = math.ceil(len(train_items) / per_step)
+    total = steps_per_epoch * settings.epochs
+    warmup = max(1, round(settings.warmup_ratio * total))
+
     # Reference log-probs, once per pair, from the cache when a run already computed them.
     exact = backend_source(backend)
     source = LLAMA_CPP if settings.ref == LLAMA_CPP else exact
     ref_args = dict(
         model_sha=model.sha256, max_len=settings.max_len, base_gguf=model.file, threads=settings.threads
     )
+    by_previous = previous is not None and settings.round_ref == "previous"
+    ref_source = f"{exact}@{settings.from_run}" if by_previous else source
+    missing = len(items) - len(
+        cached(ws, [t.pair_id for t in items], model.sha256, ref_source, settings.max_len)
+    )
+    meter.plan(_plan(settings, len(train_items), len(held_items), total, 0, missing))
     try:
-        if previous is not None and settings.round_ref == "previous":
-            refs = yield from _previous_round_refs(ws, backend, items, previous, settings, exact, ref_args)
+        if by_previous:
+            refs = yield from meter.relay(
+                REFERENCE, _previous_round_refs(ws, backend, items, previous, settings, exact, ref_args)
+            )
         else:
-            refs = yield from reference_logps(ws, backend, items, source=source, **ref_args)
-        if previous is not None and settings.round_ref == "previous":
+            refs = yield from meter.relay(
+                REFERENCE, reference_logps(ws, backend, items, source=source, **ref_args)
+            )
+        if by_previous:
             other = {}
         elif source == LLAMA_CPP:  # how far the fast source is from the exact one, on a few pairs
-            other = yield from reference_logps(ws, backend, items[:COMPARE_PAIRS], source=exact, **ref_args)
+            compare = reference_logps(ws, backend, items[:COMPARE_PAIRS], source=exact, **ref_args)
+            other = yield from meter.relay(REFERENCE, compare)
         else:
             other = cached(ws, [t.pair_id for t in items], model.sha256, LLAMA_CPP, settings.max_len)
     except MemoryError as err:
@@ -361,11 +389,6 @@ def _train_run(ws, settings, run, model, pairs, resume) -> Generator[Progress | 
             f"Reference log-probs: llama.cpp and {exact} differ by {diff:.4f} nats on average ({n} pairs).",
         )
 
-    # The schedule.
-    per_step = settings.batch_size * settings.grad_accum
-    steps_per_epoch = math.ceil(len(train_items) / per_step)
-    total = steps_per_epoch * settings.epochs
-    warmup = max(1, round(settings.warmup_ratio * total))
     step = 0
     if resume:
         state, warnings = load_latest_checkpoint(root, backend)
@@ -374,6 +397,7 @@ def _train_run(ws, settings, run, model, pairs, resume) -> Generator[Progress | 
         step = int(state.get("step", 0))
         runs.truncate_log(ws, run.id, step)
         yield Log("train", f"Resuming run '{run.name}' at step {step} of {total}.")
+        meter.plan(_plan(settings, len(train_items), len(held_items), total, step, 0))
     yours = (
         f" ({len(mine)} yours, weight {settings.user_weight:g}, each seen {repeats}x an epoch)"
         if mine
@@ -386,9 +410,9 @@ def _train_run(ws, settings, run, model, pairs, resume) -> Generator[Progress | 
                                         "user_pairs": len(mine), "user_repeats": repeats,
                                         "total_steps": total, "backend": backend.name, "ref_source": source})  # fmt: skip
 
-    clock = EtaClock(total, already_done=step)
-    t0, tokens, pairs_done = time.monotonic(), 0, 0
+    t0, tokens, pairs_done, first_step = time.monotonic(), 0, 0, step
     saved_step, at_yield, metrics = step, False, {}
+    yield meter.event(TRAINING, step, total, "steps", f"step {step + 1}/{total} starting")
     try:
         while step < total:
             epoch, in_epoch = divmod(step, steps_per_epoch)
@@ -396,7 +420,8 @@ def _train_run(ws, settings, run, model, pairs, resume) -> Generator[Progress | 
             chosen = [train_items[i] for i in order[in_epoch * per_step : (in_epoch + 1) * per_step]]
             lr = lr_at(step, total, settings.lr, warmup)
             parts = []
-            for mb in micro_batches(chosen, settings.batch_size):
+            batches = micro_batches(chosen, settings.batch_size)
+            for i, mb in enumerate(batches, 1):
                 pb = PairBatch([t.encoded for t in mb], np.array([refs[t.pair_id][0] for t in mb]),
                                np.array([refs[t.pair_id][1] for t in mb]),
                                np.array([weight.get(t.pair_id, 1.0) for t in mb]) if weight else None)  # fmt: skip
@@ -412,6 +437,14 @@ def _train_run(ws, settings, run, model, pairs, resume) -> Generator[Progress | 
                         ),
                     )
                 )
+                meter.advance(TRAINING, len(mb))
+                if i < len(batches):
+                    # A safe point: nothing is applied until the optimizer step, so a stop here keeps the
+                    # state of the last whole step (the gradients so far are simply dropped).
+                    at_yield = True
+                    yield meter.event(TRAINING, step, total, "steps", f"step {step + 1}/{total}, micro-batch "
+                                      f"{i}/{len(batches)} done")  # fmt: skip
+                    at_yield = False
             keys = ("loss", "reward_chosen", "reward_rejected", "margin", "accuracy", "other_kl")
             metrics = {k: sum(n * m[k] for n, m in parts) / len(chosen) for k in keys if k in parts[0][1]}
             if not math.isfinite(metrics["loss"]):
@@ -431,33 +464,42 @@ def _train_run(ws, settings, run, model, pairs, resume) -> Generator[Progress | 
             tokens += sum(t.n_tokens for t in chosen)
             pairs_done += len(chosen)
             elapsed = max(1e-9, time.monotonic() - t0)
-            _, eta = clock.estimate(step)
+            per_step_s = elapsed / (step - first_step)
+            event = meter.event(TRAINING, step, total, "steps", f"step {step}/{total} done, {per_step_s:.1f} s/step",
+                                loss=round(metrics["loss"], 4), acc=round(metrics["accuracy"], 2), lr=f"{lr:.2e}")  # fmt: skip
             metrics.update(lr=lr, grad_norm=grad_norm, epoch=epoch + 1, tokens_per_s=tokens / elapsed,
-                           pairs_per_s=pairs_done / elapsed, eta_s=eta)  # fmt: skip
+                           pairs_per_s=pairs_done / elapsed, eta_s=event.eta_s)  # fmt: skip
             runs.log(ws, run.id, step, "train", metrics)
-            if held_items and (step % settings.eval_every == 0 or step == total):
-                ev, _ = evaluate(backend, held_items, refs, settings.beta)
-                runs.log(ws, run.id, step, "eval", ev)
-                yield Log("train", f"step {step}: held-out loss {ev['loss']:.4f}, accuracy {ev['accuracy']:.2f}, "
-                                   f"margin {ev['margin']:+.3f}")  # fmt: skip
             if step % settings.checkpoint_every == 0 and step < total:
                 save_checkpoint(root, backend, {"step": step, "epoch": epoch, "total": total})
                 saved_step = step
             at_yield = True
-            yield clock.event("train", step, unit="steps", loss=round(metrics["loss"], 4),
-                              acc=round(metrics["accuracy"], 2), lr=f"{lr:.2e}")  # fmt: skip
+            yield event
+            if held_items and (step % settings.eval_every == 0 or step == total):
+                ev, _ = yield from meter.relay(
+                    HELDOUT, evaluate_steps(backend, held_items, refs, settings.beta)
+                )
+                runs.log(ws, run.id, step, "eval", ev)
+                yield Log("train", f"step {step}: held-out loss {ev['loss']:.4f}, accuracy {ev['accuracy']:.2f}, "
+                                   f"margin {ev['margin']:+.3f}")  # fmt: skip
             at_yield = False
     except MemoryError as err:
         raise TrainingError(f"Out of memory at training step {step + 1}.", hint=OOM_HINT) from err
     except (GeneratorExit, KeyboardInterrupt):
-        # Cancelled between two steps: the state is whole, keep what was trained since the last checkpoint.
+        # Stopped at a yield (between two steps or two micro-batches): the state is that of `step` whole
+        # steps, so keep what was trained since the last checkpoint. (LoRA dropout is off: a partial step
+        # leaves no trace in the random state either.)
         if at_yield and step > saved_step:
             save_checkpoint(
                 root, backend, {"step": step, "epoch": (step - 1) // steps_per_epoch, "total": total}
             )
         raise
 
-    final, policy = evaluate(backend, held_items, refs, settings.beta) if held_items else ({}, {})
+    final, policy = ({}, {})
+    if held_items:
+        final, policy = yield from meter.relay(
+            HELDOUT, evaluate_steps(backend, held_items, refs, settings.beta)
+        )
     heldout = [
         {"pair_id": t.pair_id, "policy_chosen": policy[t.pair_id][0], "policy_rejected": policy[t.pair_id][1],
          "ref_chosen": refs[t.pair_id][0], "ref_rejected": refs[t.pair_id][1]}
@@ -471,6 +513,9 @@ def _train_run(ws, settings, run, model, pairs, resume) -> Generator[Progress | 
             yield Log(
                 "train", "Scoring held-out pairs in llama.cpp (base, base + adapter) for the export check."
             )
+            yield meter.event(
+                HELDOUT, 0, len(held_items), "held-out pairs", "llama.cpp, for the export check"
+            )
             try:
                 heldout = _llama_cpp_heldout(ws, tmp / ADAPTER_FILE, held_items, heldout, model, ref_args)
             except (MipoError, MemoryError) as err:
@@ -483,6 +528,14 @@ def _train_run(ws, settings, run, model, pairs, resume) -> Generator[Progress | 
                            time.monotonic() - started, load_seconds, metrics, len(mine), repeats)  # fmt: skip
     runs.set_status(ws, run.id, "finished", asdict(summary))
     return summary
+
+
+def _plan(settings: TrainSettings, n_train: int, n_held: int, total: int, step: int, ref_pairs: int) -> Plan:
+    """The work left from `step` on: the ETA's measure (meter.py)."""
+    evals = sum(1 for s in range(step + 1, total + 1) if s % settings.eval_every == 0 or s == total)
+    per_step = min(n_train, settings.batch_size * settings.grad_accum)
+    # The final evaluation and the llama.cpp scoring for the export check each read the held-out pairs once.
+    return Plan(ref_pairs, total - step, per_step, n_held, evals + 2 if n_held else 0)
 
 
 def _previous_round_refs(ws, backend, items, previous, settings, exact, ref_args):

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..progress import EtaClock, Progress
+from ..engine import DecodeStep
+from ..progress import EtaClock, Progress, drain
 from ..workspace import Workspace
 from .backend import Backend
 from .batching import TrainPair, micro_batches
@@ -45,12 +46,13 @@ def _store(ws: Workspace, values: Refs, model_sha: str, source: str, max_len: in
         )
 
 
-def _score_llama_cpp(base_gguf: Path, items: list[TrainPair], threads: int | None) -> Refs:
+def _score_llama_cpp(base_gguf: Path, items: list[TrainPair], threads: int | None):
+    """Score `items` in llama.cpp, yielding the engine's DecodeSteps; returns their Refs."""
     from ..engine import Engine
 
     longest = max(len(t.encoded.prompt) + max(len(t.encoded.chosen), len(t.encoded.rejected)) for t in items)
     with Engine(base_gguf, n_seq=8, ctx_per_seq=longest + 8, n_threads=threads) as engine:
-        scores = engine.score_many(
+        scores = yield from engine.score_many_steps(
             [(t.encoded.prompt, r) for t in items for r in (t.encoded.chosen, t.encoded.rejected)]
         )
     return {t.pair_id: (scores[2 * i], scores[2 * i + 1]) for i, t in enumerate(items)}
@@ -70,13 +72,28 @@ def llama_cpp_refs(
 
     `quant`: score the base quantized that way (e.g. q8_0), the reference a quantized export is compared
     with, so that the quantization's own error cancels out of the export's DPO margins."""
+    return drain(llama_cpp_refs_steps(ws, items, model_sha=model_sha, max_len=max_len, base_gguf=base_gguf,
+                                      threads=threads, quant=quant))  # fmt: skip
+
+
+def llama_cpp_refs_steps(
+    ws: Workspace,
+    items: list[TrainPair],
+    *,
+    model_sha: str,
+    max_len: int,
+    base_gguf: Path,
+    threads: int | None,
+    quant: str | None = None,
+) -> Generator[DecodeStep, None, Refs]:
+    """`llama_cpp_refs`, yielding a DecodeStep after every decode; what is scored is stored at the end."""
     source = LLAMA_CPP if quant in (None, "f16") else f"{LLAMA_CPP}:{quant}"
     refs = cached(ws, [t.pair_id for t in items], model_sha, source, max_len)
     missing = [t for t in items if t.pair_id not in refs]
     if not missing:
         return refs
     if source == LLAMA_CPP:
-        values = _score_llama_cpp(base_gguf, missing, threads)
+        values = yield from _score_llama_cpp(base_gguf, missing, threads)
     else:
         import tempfile
 
@@ -84,7 +101,7 @@ def llama_cpp_refs(
 
         with tempfile.TemporaryDirectory(prefix=".mipo-ref-", dir=ws.root) as tmp:
             quantized = quantize(base_gguf, Path(tmp) / f"base-{quant}.gguf", quant, threads=threads)
-            values = _score_llama_cpp(quantized, missing, threads)
+            values = yield from _score_llama_cpp(quantized, missing, threads)
     _store(ws, values, model_sha, source, max_len)
     refs.update(values)
     return refs
@@ -115,10 +132,18 @@ def reference_logps(
         return refs
     clock = EtaClock(len(missing))
     if source == LLAMA_CPP:
-        yield clock.event("train", 0, "reference log-probs (llama.cpp)", unit="pairs")
-        refs.update(llama_cpp_refs(ws, missing, model_sha=model_sha, max_len=max_len, base_gguf=base_gguf,
-                                   threads=threads))  # fmt: skip
-        yield clock.event("train", len(missing), "reference log-probs (llama.cpp)", unit="pairs")
+        what = "reference log-probs (llama.cpp)"
+        yield clock.event("train", 0, what, unit="pairs")
+        steps = llama_cpp_refs_steps(ws, missing, model_sha=model_sha, max_len=max_len, base_gguf=base_gguf,
+                                     threads=threads)  # fmt: skip
+        while True:
+            try:
+                step = next(steps)
+            except StopIteration as stop:
+                refs.update(stop.value)
+                break
+            yield clock.event("train", int(step.fraction * len(missing)), what, unit="pairs")
+        yield clock.event("train", len(missing), what, unit="pairs")
         return refs
     done = 0
     for chunk in micro_batches(missing, CHUNK):

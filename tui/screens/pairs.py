@@ -28,6 +28,7 @@ class PairsScreen(SectionScreen):
     SECTION = "pairs"
     AUTO_FOCUS = "#pairs"
     _regenerated: int | None = None  # the pair the running "regenerate" job samples again
+    _shown_done = 0  # pairs the running job had committed when the table was last loaded
     BINDINGS = [
         Binding("g", "generate", "Generate"),
         Binding("c", "cancel_job", "Cancel"),
@@ -118,6 +119,7 @@ class PairsScreen(SectionScreen):
     def _start(self, settings: PairSettings) -> None:
         ws = self.ws
         record = {"mode": "pairs", "description": "Pair generation", "settings": asdict(settings)}
+        self._shown_done = 0
         self.query_one(JobRunner).start("pairs", lambda: generate_pairs(ws, settings), resume=record)
 
     def resume_job(self, record: dict) -> None:
@@ -127,9 +129,14 @@ class PairsScreen(SectionScreen):
         self.query_one(JobRunner).cancel()
 
     @on(JobRunner.Progressed)
+    def job_moved(self, message: JobRunner.Progressed) -> None:
+        if message.event.done != self._shown_done:  # a chunk of pairs was committed
+            self._shown_done = message.event.done
+            self.reload()
+
     @on(JobRunner.Failed)
-    def job_moved(self) -> None:
-        self.reload()  # each chunk of pairs is committed as it finishes
+    def job_stopped(self) -> None:
+        self.reload()
 
     @on(JobRunner.Finished)
     def job_finished(self, message: JobRunner.Finished) -> None:

@@ -26,6 +26,7 @@ SOURCES = [("all sources", ""), ("typed", "user"), ("imported", "import"), ("syn
 class PromptsScreen(SectionScreen):
     SECTION = "prompts"
     AUTO_FOCUS = "#prompts"
+    _shown_done = 0  # prompts the running synthesis had added when the table was last loaded
     BINDINGS = [
         Binding("a", "add", "Add"),
         Binding("i", "import_file", "Import"),
@@ -117,6 +118,7 @@ class PromptsScreen(SectionScreen):
         def chosen(n: int | None) -> None:
             if n is not None:
                 ws = self.ws
+                self._shown_done = 0
                 self.query_one(JobRunner).start("synth", lambda: synthesize_prompts(ws, n))
 
         self.app.push_screen(
@@ -127,9 +129,14 @@ class PromptsScreen(SectionScreen):
         self.query_one(JobRunner).cancel()
 
     @on(JobRunner.Progressed)
+    def job_moved(self, message: JobRunner.Progressed) -> None:
+        if message.event.done != self._shown_done:  # synthesized prompts are committed as they come
+            self._shown_done = message.event.done
+            self.reload()
+
     @on(JobRunner.Failed)
-    def job_moved(self) -> None:
-        self.reload()  # synthesized prompts are committed as they come
+    def job_stopped(self) -> None:
+        self.reload()
 
     @on(JobRunner.Finished)
     def job_finished(self, message: JobRunner.Finished) -> None:

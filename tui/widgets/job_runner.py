@@ -8,6 +8,7 @@ the generator between events is how a job is cancelled, so the library commits w
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -27,13 +28,27 @@ from ..format import error_sentence
 PENDING_KEY = "tui.interrupted_job"  # workspace config: the job to offer again when the app reopens
 
 
+POST_EVERY_S = 0.1  # a job yields at every decode step; the screen redraws at most this often
+
+
 def describe(event: Progress) -> str:
-    """One line for a progress event: counts, rate, ETA and the job's metrics."""
+    """One line for a progress event: the phase and what it is doing, counts, rate, ETA, the job's metrics."""
     rate = f"  {event.rate:.2f} {event.unit}/s" if event.rate else ""
     metrics = "".join(
         f"  {k} {v:.4g}" if isinstance(v, float) else f"  {k} {v}" for k, v in event.metrics.items()
     )
-    return f"{event.done}/{event.total} {event.unit}{rate}  ETA {format_eta(event.eta_s)}{metrics}"
+    doing = " · ".join(x for x in (event.phase, event.message) if x)
+    counts = f"{event.done}/{event.total} {event.unit}{rate}" if event.total > 0 else ""
+    return "  ".join(x for x in (doing, counts, f"ETA {format_eta(event.eta_s)}{metrics}") if x)
+
+
+def stopped_line(name: str, last: Progress | None) -> str:
+    """What a stopped job kept, from its last progress event."""
+    if last is None:
+        return f"{name}: stopped; finished work was saved."
+    if "kept" in last.metrics:
+        return f"Stopped: {last.metrics['kept']} {last.unit} kept."
+    return f"Stopped: {last.done} of {last.total} {last.unit} finished and saved."
 
 
 class JobRunner(Vertical):
@@ -94,6 +109,8 @@ class JobRunner(Vertical):
         self._worker: Worker | None = None
         self._name = ""
         self._resume: dict | None = None
+        self._last: Progress | None = None  # the latest event shown
+        self._posted = (0.0, None)  # (when, (done, phase)) of the latest event posted
 
     def compose(self) -> ComposeResult:
         yield ProgressBar(total=None, show_eta=False, id="job-bar")
@@ -115,6 +132,11 @@ class JobRunner(Vertical):
         self._user_cancelled = False
         self._name = name
         self._resume = resume
+        self._last = None
+        self._posted = (0.0, None)
+        jobs = getattr(self.app, "jobs", None)
+        if jobs is not None:
+            jobs.add(self)  # the app waits for it before quitting
         if resume is not None:
             self.app.ws.set_config(PENDING_KEY, resume)
         self.add_class("-running")
@@ -123,12 +145,22 @@ class JobRunner(Vertical):
         self._worker = self._run(name, job)
         return True
 
+    @property
+    def job_name(self) -> str:
+        return self._name
+
     def cancel(self) -> None:
         """Ask the job to stop after its current unit of work; what it finished is kept."""
         if self.busy:
             self._user_cancelled = True
             self._stop.set()
-            self.set_status(f"{self._name}: cancelling after the current step...")
+            self.set_status(f"{self._name}: stopping after the current step...")
+
+    def stop_for_quit(self) -> None:
+        """Stop the job for the app to close; the resume record stays, so reopening offers it again."""
+        if self.busy:
+            self._stop.set()
+            self.set_status(f"{self._name}: stopping after the current step, then quitting...")
 
     def on_unmount(self) -> None:
         # Closing the app: stop at the next event and keep the resume record, so reopening offers it.
@@ -152,14 +184,28 @@ class JobRunner(Vertical):
             except StopIteration as stop:
                 return stop.value
             if isinstance(event, Progress):
-                self.post_message(self.Progressed(self, event))
+                if self._due(event):
+                    self.post_message(self.Progressed(self, event))
             else:
                 self.post_message(self.Emitted(self, event))
 
+    def _due(self, event: Progress) -> bool:
+        """Post an event when units were finished, the phase changed, or POST_EVERY_S has passed."""
+        now, milestone = time.monotonic(), (event.done, event.phase)
+        when, last = self._posted
+        if milestone == last and now - when < POST_EVERY_S:
+            return False
+        self._posted = (now, milestone)
+        return True
+
     def on_job_runner_progressed(self, message: Progressed) -> None:
+        event = message.event
+        self._last = event
+        if self._stop.is_set():
+            return  # the line says it is stopping until the job has stopped
         bar = self.query_one("#job-bar", ProgressBar)
-        bar.update(total=max(1, message.event.total), progress=message.event.done)
-        self.set_status(f"{self._name}: {describe(message.event)}")
+        bar.update(total=1000, progress=round(1000 * event.fraction))
+        self.set_status(f"{self._name}: {describe(event)}")
 
     def on_job_runner_emitted(self, message: Emitted) -> None:
         if isinstance(message.item, Log):
@@ -181,14 +227,18 @@ class JobRunner(Vertical):
         )
         if self._resume is not None and not interrupted and self.is_attached:
             self.app.ws.set_config(PENDING_KEY, None)
+        quitting = getattr(self.app, "quitting", False)
+        if quitting:
+            self.app.job_stopped()
         if event.state == WorkerState.SUCCESS:
             self.set_status(f"{self._name}: done.")
             self.post_message(self.Finished(self, self._name, event.worker.result))
             return
         error = event.worker.error
         if isinstance(error, Cancelled) or event.state == WorkerState.CANCELLED:
-            self.set_status(f"{self._name}: cancelled. {self.cancelled_note}")
-            self.app.notify(self.cancelled_note, title="Cancelled")
+            self.set_status(stopped_line(self._name, self._last))
+            if not quitting:
+                self.app.notify(self.cancelled_note, title="Cancelled")
             error = error if isinstance(error, Cancelled) else Cancelled("cancelled")
         elif isinstance(error, MipoError):
             self.set_status(f"{self._name}: stopped.")

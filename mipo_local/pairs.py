@@ -473,14 +473,6 @@ def regenerate_pair(
     return seed
 
 
-def sample_plan(model, plan: PairPlan, settings: PairSettings, sampler: Sampler | None = None) -> dict | None:
-    """Sample, score and choose the two answers of one plan on its own engine: the pair's row, or None
-    when every positive was degenerate. `model`: the base model (modelsource.BaseModel)."""
-    with _plan_engine(model, plan, settings, sampler) as (engine, encoded):
-        rows, _ = drain(_chunk_steps(engine, [plan], encoded, settings, model.sha256, sampler=sampler))
-    return rows[0] if rows else None
-
-
 def sample_choice(model, plan: PairPlan, settings: PairSettings) -> candidates.Choice:
     """The two answers of one plan as candidates.choose gives them (a positive of None: all degenerate),
     for a caller that needs one side only."""

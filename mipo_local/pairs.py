@@ -36,7 +36,7 @@ from .chat import chat_format
 from .errors import UserInputError
 from .pairs_progress import PairsMeter
 from .personas import negative_pool
-from .progress import Log, Progress, drain
+from .progress import Log, Progress
 from .rounds import Sampler
 from .settings import NEGATIVE_STRATEGIES, PairSettings
 from .validation import require_number, require_seed

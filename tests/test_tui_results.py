@@ -149,7 +149,6 @@ def test_evaluate_explains_plots_shows_answers_then_blind_ab_on_unseen_prompts(r
         await pilot.press("escape")
         await pilot.pause()
 
-<<<<<<< HEAD
     drive(results_ws.root, scenario)
     assert trained_prompt not in judged and len(set(judged)) == 3
     report = blind_ab.latest_report(results_ws)
@@ -158,6 +157,10 @@ def test_evaluate_explains_plots_shows_answers_then_blind_ab_on_unseen_prompts(r
     assert all(v["prompt"] != trained_prompt for v in votes)
     score = {"personalized": 1.0, "tie": 0.5, "base": 0.0}
     assert blind_ab.win_rate(votes) == sum(score[v["pick"]] for v in votes) / 4
+    # Each pick that is not a tie is one of the user's pairs: chosen = the picked answer.
+    mine = user_pairs.list_user_pairs(results_ws)
+    assert len(mine) == 2 and all(p.origin == "ab" and p.prompt != trained_prompt for p in mine)
+    assert all(p.chosen and p.rejected and p.chosen != p.rejected for p in mine)
 
 
 def test_stopping_a_chat_answer_says_so_and_keeps_its_text(results_ws):
@@ -181,24 +184,6 @@ def test_stopping_a_chat_answer_says_so_and_keeps_its_text(results_ws):
     notes = drive(results_ws.root, scenario, hook=stop_after_the_first_piece)
     cancelled = [n for n in notes if n.title == "Cancelled"]
     assert [n.message for n in cancelled] == ["The answer was stopped; what it wrote so far stays."]
-=======
-    results = []
-
-    async def run(app, pilot):
-        results.append(await scenario(app, pilot))
-
-    drive(results_ws.root, run)
-    report = blind_ab.latest_report(results_ws)
-    votes = blind_ab.votes(results_ws, report["export_id"])
-    assert len(votes) == 2 and votes[1]["pick"] == "tie" and votes[0]["pick"] in ("personalized", "base")
-    expected = 0.75 if votes[0]["pick"] == "personalized" else 0.25
-    assert blind_ab.win_rate(votes) == expected
-    # The pick (not the tie) is one of the user's pairs: chosen = the answer shown as A.
-    ((trial, _),) = results
-    (pair,) = user_pairs.list_user_pairs(results_ws)
-    assert (pair.origin, pair.prompt, pair.context) == ("ab", trial.prompt, trial.context)
-    assert (pair.chosen, pair.rejected) == tuple(a.strip() for a in trial.answers)
->>>>>>> user-choices
 
 
 def test_chat_streams_one_message_then_side_by_side(results_ws):

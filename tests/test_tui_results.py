@@ -179,7 +179,7 @@ def test_stopping_a_chat_answer_says_so_and_keeps_its_text(results_ws):
         (answer,) = app.screen.query(".chat-answer")
         assert str(answer.render()).strip()  # what it wrote before the stop stays on screen
         status = str(app.screen.query_one("#job-status").render())
-        assert status == "chat: cancelled. The answer was stopped; what it wrote so far stays."
+        assert status == "chat: The answer was stopped; what it wrote so far stays."
 
     notes = drive(results_ws.root, scenario, hook=stop_after_the_first_piece)
     cancelled = [n for n in notes if n.title == "Cancelled"]

@@ -95,7 +95,9 @@ class TrainScreen(SectionScreen):
             return
         log = runs.read_log(self.ws, run.id)
         steps = [x for x in log if x["kind"] == "train"]
-        line = f"[b]{run.name}[/]: {run.status} · {escape(run.describe_round())}"
+        line = f"[b]{run.name}[/]: {run.status}"
+        if run.round > 1:  # a later self-improvement round names the run whose model sampled its pairs
+            line += f" · {escape(run.describe_round())}"
         if steps:
             last = steps[-1]
             total = next((x.get("total_steps") for x in reversed(log) if x["kind"] == "info"), None)

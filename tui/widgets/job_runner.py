@@ -236,7 +236,11 @@ class JobRunner(Vertical):
             return
         error = event.worker.error
         if isinstance(error, Cancelled) or event.state == WorkerState.CANCELLED:
-            self.set_status(stopped_line(self._name, self._last))
+            # A job with its own words for a stop (a chat answer) says them; the others say what they kept.
+            own = self.cancelled_note != self.SAVED
+            self.set_status(
+                f"{self._name}: {self.cancelled_note}" if own else stopped_line(self._name, self._last)
+            )
             if not quitting:
                 self.app.notify(self.cancelled_note, title="Cancelled")
             error = error if isinstance(error, Cancelled) else Cancelled("cancelled")

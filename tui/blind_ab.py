@@ -1,12 +1,9 @@
 """Blind A/B bookkeeping: the latest evaluation's answers in a hidden random order, and the user's votes.
 
 The answers are the ones `mipo-local eval` sampled on held-out prompts from the exported model and from the
-<<<<<<< HEAD
-base (report.samples), kept only where no training pair has the same prompt (evaluate.unseen_samples). Votes live in the workspace config, per export, so the win rate survives restarts.
-=======
-base (report.samples). Votes live in the workspace config, per export, so the win rate survives restarts.
-Each vote that is not a tie is also one of the user's pairs (chosen = the picked answer), for training.
->>>>>>> user-choices
+base (report.samples), kept only where no training pair has the same prompt (evaluate.unseen_samples). Votes live
+in the workspace config, per export, so the win rate survives restarts. Each vote that is not a tie is also one of
+the user's pairs (chosen = the picked answer), for training.
 """
 
 from __future__ import annotations

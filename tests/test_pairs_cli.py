@@ -30,7 +30,8 @@ def test_generate_list_show_rm(ws_dir, tiny_gguf):
     r = run_cli("pairs", *FAST, "--seed", "3")
     assert "0 new pairs (3 already done" in r.stdout
     listing = run_cli("pairs", "list").stdout
-    assert listing.splitlines()[0].split() == ["id", "strategy", "pmi", "prompt", "chosen"]
+    assert listing.splitlines()[0].split() == ["id", "source", "strategy", "pmi", "prompt", "chosen"]
+    assert [line.split()[1] for line in listing.splitlines()[1:]] == ["generated"] * 3
     assert "Any dessert idea?" in listing and listing.count("random-context") == 3
     r = run_cli("pairs", "show", "2")
     pair = pairs_store.get_pair(Workspace.open(ws_dir), 2)

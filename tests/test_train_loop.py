@@ -4,11 +4,9 @@ bad input, NaN, out of memory, the reference cache; one slow run on the default 
 import dataclasses
 import json
 import os
-import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import numpy as np
 import pytest
@@ -31,24 +29,7 @@ from mipo_local.train.checkpoints import checkpoint_dirs
 from mipo_local.train.loop import resumed_settings, train
 from mipo_local.workspace import Workspace
 from tests.clihelp import run_cli
-from tests.trainhelp import insert_pairs, signal_pairs
-
-FAST = TrainSettings(precision="fp32", threads=1, rank=4, alpha=8, grad_accum=2, max_len=96,
-                     checkpoint_every=1, eval_every=2, lr=1e-3)  # fmt: skip
-
-
-def _drive(gen, stop_after_step=None):
-    """Run a job generator; with stop_after_step, close it (like Ctrl-C) once that step is reported."""
-    events = []
-    while True:
-        try:
-            ev = next(gen)
-        except StopIteration as stop:
-            return stop.value, events
-        events.append(ev)
-        if stop_after_step and isinstance(ev, Progress) and ev.unit == "steps" and ev.done >= stop_after_step:
-            gen.close()
-            return None, events
+from tests.trainhelp import CLI, FAST, KILL_ARGS, drive, insert_pairs, kill_9_training, signal_pairs
 
 
 def test_split_order_and_packing_are_pure_functions():
@@ -145,7 +126,7 @@ def test_no_context_anchor_is_the_chosen_answer_without_a_system_turn(tiny_gguf)
 
 def test_run_writes_adapter_heldout_and_log(tiny_workspace):
     insert_pairs(tiny_workspace, signal_pairs(10))
-    summary, events = _drive(train(tiny_workspace, FAST, run_name="a"))
+    summary, events = drive(train(tiny_workspace, FAST, run_name="a"))
     assert summary.train_pairs == 9 and summary.heldout_pairs == 1 and summary.steps == 5
     assert any(isinstance(e, Progress) and e.unit == "pairs" for e in events)  # reference log-probs
     final = runs.final_dir(tiny_workspace, "a")
@@ -181,7 +162,7 @@ def test_run_writes_adapter_heldout_and_log(tiny_workspace):
     assert [x["step"] for x in log if x["kind"] == "eval"] == [2, 4, 5]
     # Reference log-probs are cached per pair: a second run computes none.
     assert tiny_workspace.query("SELECT COUNT(*) FROM ref_logps WHERE source = 'torch:fp32'")[0][0] == 10
-    _, events = _drive(train(tiny_workspace, FAST, run_name="b"))
+    _, events = drive(train(tiny_workspace, FAST, run_name="b"))
     assert not any(isinstance(e, Progress) and e.unit == "pairs" for e in events)
 
     out = run_cli("runs", "list")
@@ -194,37 +175,37 @@ def test_run_writes_adapter_heldout_and_log(tiny_workspace):
 
 def test_bad_inputs(tiny_workspace):
     with pytest.raises(UserInputError, match="no pairs"):
-        _drive(train(tiny_workspace, FAST))
+        drive(train(tiny_workspace, FAST))
     insert_pairs(tiny_workspace, signal_pairs(4))
     with pytest.raises(UserInputError, match="--targets has unknown names qq"):
-        _drive(train(tiny_workspace, TrainSettings(targets=("qq",))))
+        drive(train(tiny_workspace, TrainSettings(targets=("qq",))))
     with pytest.raises(UserInputError, match="--lr must be between 0 and 1"):
-        _drive(train(tiny_workspace, TrainSettings(lr=2.0)))
+        drive(train(tiny_workspace, TrainSettings(lr=2.0)))
     with pytest.raises(UserInputError, match="--kl-anchor must be no-context or rejected, not 'both'"):
-        _drive(train(tiny_workspace, TrainSettings(kl_anchor="both")))
+        drive(train(tiny_workspace, TrainSettings(kl_anchor="both")))
     with pytest.raises(UserInputError, match="There is no run named 'nope'"):
-        _drive(train(tiny_workspace, FAST, run_name="nope", resume=True))
-    _drive(train(tiny_workspace, FAST, run_name="x"))
+        drive(train(tiny_workspace, FAST, run_name="nope", resume=True))
+    drive(train(tiny_workspace, FAST, run_name="x"))
     with pytest.raises(UserInputError, match="already exists.*--resume"):
-        _drive(train(tiny_workspace, FAST, run_name="x"))
+        drive(train(tiny_workspace, FAST, run_name="x"))
     with pytest.raises(UserInputError, match="already finished"):
-        _drive(train(tiny_workspace, FAST, run_name="x", resume=True))
+        drive(train(tiny_workspace, FAST, run_name="x", resume=True))
 
 
 def test_cancel_damaged_checkpoint_nan_and_resume(tiny_workspace):
     insert_pairs(tiny_workspace, signal_pairs(12))
     settings = TrainSettings(**{**FAST.__dict__, "checkpoint_every": 100, "eval_fraction": 0.0})
     # Ctrl-C between steps keeps the finished steps: a checkpoint is written on the way out.
-    _drive(train(tiny_workspace, settings, run_name="c"), stop_after_step=2)
+    drive(train(tiny_workspace, settings, run_name="c"), stop_after_step=2)
     root = runs.run_dir(tiny_workspace, "c")
     assert [c.name for c in checkpoint_dirs(root)] == ["step-000002"]
     assert runs.get_run(tiny_workspace, "c").status == "cancelled"
-    _drive(train(tiny_workspace, settings, run_name="c", resume=True), stop_after_step=4)
+    drive(train(tiny_workspace, settings, run_name="c", resume=True), stop_after_step=4)
     assert [c.name for c in checkpoint_dirs(root)] == ["step-000002", "step-000004"]
 
     # A damaged latest checkpoint: a warning, and the previous one is used.
     (root / "checkpoints" / "step-000004" / "backend.safetensors").write_bytes(b"garbage")
-    summary, events = _drive(train(tiny_workspace, settings, run_name="c", resume=True), stop_after_step=3)
+    summary, events = drive(train(tiny_workspace, settings, run_name="c", resume=True), stop_after_step=3)
     warnings = [e.message for e in events if isinstance(e, Log) and e.level == "warning"]
     assert "step-000004 is damaged" in warnings[0]
     assert any(isinstance(e, Log) and "at step 2 of 6" in e.message for e in events)
@@ -233,7 +214,7 @@ def test_cancel_damaged_checkpoint_nan_and_resume(tiny_workspace):
     with tiny_workspace.transaction() as conn:
         conn.execute("UPDATE ref_logps SET chosen = ?", (float("inf"),))
     with pytest.raises(TrainingError, match=r"loss became inf at step 4.*checkpoint \(step 3\) is kept"):
-        _drive(train(tiny_workspace, settings, run_name="c", resume=True))
+        drive(train(tiny_workspace, settings, run_name="c", resume=True))
     assert runs.get_run(tiny_workspace, "c").status == "failed"
     assert checkpoint_dirs(root)[-1].name == "step-000003"
 
@@ -241,13 +222,13 @@ def test_cancel_damaged_checkpoint_nan_and_resume(tiny_workspace):
     for ck in checkpoint_dirs(root):
         (ck / "backend.json").write_text("{")
     with pytest.raises(TrainingError, match="No checkpoint .* can be read"):
-        _drive(train(tiny_workspace, settings, run_name="c", resume=True))
+        drive(train(tiny_workspace, settings, run_name="c", resume=True))
 
 
 def test_other_context_kl_is_logged_and_a_run_from_before_it_resumes_without_it(tiny_workspace):
     insert_pairs(tiny_workspace, signal_pairs(12))  # no negative context: anchored under no context
     settings = TrainSettings(**{**FAST.__dict__, "checkpoint_every": 100, "eval_fraction": 0.0})
-    _drive(train(tiny_workspace, settings, run_name="k"), stop_after_step=2)
+    drive(train(tiny_workspace, settings, run_name="k"), stop_after_step=2)
     logged = runs.read_log(tiny_workspace, runs.get_run(tiny_workspace, "k").id, "train")
     assert len(logged) == 2 and all(x["other_kl"] >= 0 for x in logged) and logged[1]["other_kl"] > 0
     # A run stored before the setting existed trained without the anchor, and resumes so.
@@ -255,7 +236,7 @@ def test_other_context_kl_is_logged_and_a_run_from_before_it_resumes_without_it(
         stored = json.loads(conn.execute("SELECT settings FROM runs WHERE name = 'k'").fetchone()[0])
         del stored["other_context_kl"]
         conn.execute("UPDATE runs SET settings = ? WHERE name = 'k'", (json.dumps(stored),))
-    _drive(train(tiny_workspace, settings, run_name="k", resume=True), stop_after_step=3)
+    drive(train(tiny_workspace, settings, run_name="k", resume=True), stop_after_step=3)
     logged = runs.read_log(tiny_workspace, runs.get_run(tiny_workspace, "k").id, "train")
     assert len(logged) == 3 and "other_kl" not in logged[2]
 
@@ -273,7 +254,7 @@ def test_a_resumed_run_keeps_the_anchor_it_started_with():
 def test_reference_from_llama_cpp_logs_its_distance_to_the_exact_one(tiny_workspace):
     insert_pairs(tiny_workspace, signal_pairs(6))
     settings = TrainSettings(**{**FAST.__dict__, "ref": "llama.cpp", "eval_fraction": 0.0, "grad_accum": 6})
-    summary, events = _drive(train(tiny_workspace, settings, run_name="l"))
+    summary, events = drive(train(tiny_workspace, settings, run_name="l"))
     assert summary.steps == 1
     info = [
         x
@@ -334,28 +315,19 @@ def test_kill_9_then_resume_equals_uninterrupted(ws_dir, tiny_gguf, tmp_path):
         insert_pairs(ws, signal_pairs(12))
         return ws
 
-    args = ["train", "--run", "k", "--precision", "fp32", "--threads", "1", "--rank", "4", "--alpha", "8", "--grad-accum", "1",
-            "--max-len", "96", "--checkpoint-every", "1", "--eval-every", "100", "--lr", "1e-3", "--epochs", "2"]  # fmt: skip
-    cli = [sys.executable, "-m", "mipo_local.cli.main"]
     ws = make(ws_dir)
     env = {**os.environ, "MIPO_LOCAL_HOME": str(ws_dir)}
-    proc = subprocess.Popen([*cli, *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ck = runs.run_dir(ws, "k") / "checkpoints"
-    deadline = time.time() + 300
-    while time.time() < deadline and len(list(ck.glob("step-*/state.json"))) < 2:
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_9_training(ws, env)
     assert not runs.final_dir(ws, "k").exists()
     assert runs.get_run(ws, "k").status == "running"  # what a killed process leaves behind
-    r = subprocess.run([*cli, "train", "--run", "k", "--resume"], env=env, capture_output=True, text=True)
+    r = subprocess.run([*CLI, "train", "--run", "k", "--resume"], env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "Resuming run 'k' at step " in r.stderr and "Resuming run 'k' at step 0" not in r.stderr
     resumed = adapter_io.load_adapter(runs.final_dir(ws, "k") / adapter_io.ADAPTER_FILE).tensors
 
     ref_ws = make(tmp_path / "ref")
     env_ref = {**os.environ, "MIPO_LOCAL_HOME": str(tmp_path / "ref")}
-    assert subprocess.run([*cli, *args], env=env_ref, capture_output=True).returncode == 0
+    assert subprocess.run([*CLI, *KILL_ARGS], env=env_ref, capture_output=True).returncode == 0
     straight = adapter_io.load_adapter(runs.final_dir(ref_ws, "k") / adapter_io.ADAPTER_FILE).tensors
     assert set(resumed) == set(straight)
     for name in straight:
@@ -371,6 +343,6 @@ def test_default_model_short_run_beats_chance_on_heldout(ws_dir, default_f16_ggu
     insert_pairs(ws, signal_pairs(20))
     settings = TrainSettings(lr=5e-4, epochs=2, grad_accum=2, max_len=128, eval_fraction=0.2, eval_every=100,
                              checkpoint_every=100)  # fmt: skip
-    summary, _ = _drive(train(ws, settings, run_name="slow"))
+    summary, _ = drive(train(ws, settings, run_name="slow"))
     assert summary.heldout_pairs == 4
     assert summary.final["accuracy"] > 0.5 and summary.final["margin"] > 0

@@ -5,10 +5,7 @@ training leaves every one of them intact."""
 import dataclasses
 import json
 import os
-import signal
 import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
@@ -23,8 +20,7 @@ from mipo_local.train.torch_backend import TorchBackend
 from mipo_local.workspace import Workspace
 from tests.clihelp import run_cli
 from tests.faulthelp import integrity
-from tests.test_train_loop import FAST, _drive
-from tests.trainhelp import insert_pairs, signal_pairs
+from tests.trainhelp import CLI, FAST, drive, insert_pairs, kill_9_training, signal_pairs
 
 
 def test_weights_multiply_each_pairs_objective():
@@ -100,7 +96,7 @@ def test_a_run_trains_on_every_user_pair_and_says_so(ws_dir, tiny_gguf):
     ws = _workspace(ws_dir, tiny_gguf, n=20)
     _make_user_pairs(ws)
     settings = dataclasses.replace(FAST, eval_fraction=0.25)
-    summary, _ = _drive(train(ws, settings, run_name="mine"))
+    summary, _ = drive(train(ws, settings, run_name="mine"))
     assert summary.user_pairs == 4 and summary.user_repeats == 1  # 4 of 19 train pairs: over an eighth
     saved = json.loads((runs.run_dir(ws, "mine") / "split.json").read_text())
     assert set(saved["user"]) == {1, 2, 3, 21} and not set(saved["user"]) & set(saved["heldout"])
@@ -110,7 +106,7 @@ def test_a_run_trains_on_every_user_pair_and_says_so(ws_dir, tiny_gguf):
     assert "Trained on 17 pairs (4 held out); 4 of them yours (weight 2, each seen 1x an epoch)." in shown
 
     # --user-weight 0 leaves them out.
-    summary0, _ = _drive(train(ws, dataclasses.replace(settings, user_weight=0.0), run_name="none"))
+    summary0, _ = drive(train(ws, dataclasses.replace(settings, user_weight=0.0), run_name="none"))
     assert summary0.user_pairs == 0 and summary0.train_pairs + summary0.heldout_pairs == 17
     assert "none of them yours" in run_cli("runs", "show", "none").stdout
     r = run_cli("train", "--user-weight", "-1")
@@ -122,21 +118,11 @@ def test_kill_9_during_training_leaves_every_user_pair_intact(ws_dir, tiny_gguf)
     _make_user_pairs(ws)
     before = _user_rows(ws)
     assert len(before) == 4
-    args = ["train", "--run", "k", "--precision", "fp32", "--threads", "1", "--rank", "4", "--alpha", "8",
-            "--grad-accum", "1", "--max-len", "96", "--checkpoint-every", "1", "--eval-every", "100",
-            "--lr", "1e-3", "--epochs", "2"]  # fmt: skip
-    cli = [sys.executable, "-m", "mipo_local.cli.main"]
     env = {**os.environ, "MIPO_LOCAL_HOME": str(ws_dir)}
-    proc = subprocess.Popen([*cli, *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ck = runs.run_dir(ws, "k") / "checkpoints"
-    deadline = time.time() + 300
-    while time.time() < deadline and len(list(ck.glob("step-*/state.json"))) < 2:
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_9_training(ws, env)
     assert runs.get_run(ws, "k").status == "running"  # killed mid-run, not finished
     assert integrity(ws_dir) == "ok" and _user_rows(Workspace.open(ws_dir)) == before
-    r = subprocess.run([*cli, "train", "--run", "k", "--resume"], env=env, capture_output=True, text=True)
+    r = subprocess.run([*CLI, "train", "--run", "k", "--resume"], env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert _user_rows(Workspace.open(ws_dir)) == before
     assert runs.get_run(ws, "k").summary["user_pairs"] == 4

@@ -19,6 +19,7 @@ from mipo_local.workspace import Workspace
 from tests.exporthelp import make_finished_run
 from tests.test_tui_core import drive, settle
 from tests.trainhelp import insert_pairs
+from tests.tuihelp import chat_hello
 from tui import blind_ab
 from tui.widgets.job_runner import JobRunner
 
@@ -108,7 +109,7 @@ def _train_on_a_held_out_prompt(ws) -> str:
 def test_evaluate_explains_plots_shows_answers_then_blind_ab_on_unseen_prompts(results_ws):
     _finish(export(results_ws, None, ExportSettings(adapter_only=True, verify=False)))
     trained_prompt = _train_on_a_held_out_prompt(results_ws)
-    judged = []
+    judged, picked = [], []
 
     async def scenario(app, pilot):
         await pilot.press("6")
@@ -144,6 +145,8 @@ def test_evaluate_explains_plots_shows_answers_then_blind_ab_on_unseen_prompts(r
         assert shown_a.strip() == sample[trial.sources[0]].strip()[: len(shown_a.strip())]
         judged.append(trial.prompt)
         for key in "atat":  # more votes than unseen prompts: the draw cycles through them only
+            if key == "a":
+                picked.append(screen.trial)
             await pilot.press(key)
             judged.append(screen.trial.prompt)
         await pilot.press("escape")
@@ -157,10 +160,14 @@ def test_evaluate_explains_plots_shows_answers_then_blind_ab_on_unseen_prompts(r
     assert all(v["prompt"] != trained_prompt for v in votes)
     score = {"personalized": 1.0, "tie": 0.5, "base": 0.0}
     assert blind_ab.win_rate(votes) == sum(score[v["pick"]] for v in votes) / 4
-    # Each pick that is not a tie is one of the user's pairs: chosen = the picked answer.
-    mine = user_pairs.list_user_pairs(results_ws)
-    assert len(mine) == 2 and all(p.origin == "ab" and p.prompt != trained_prompt for p in mine)
-    assert all(p.chosen and p.rejected and p.chosen != p.rejected for p in mine)
+    # Each pick (not a tie) of two different answers is one of the user's pairs: chosen = the answer shown as A.
+    shown = [(t, tuple(a.strip() for a in t.answers)) for t in picked]
+    expected = [("ab", t.prompt, t.context, *a) for t, a in shown if all(a) and a[0] != a[1]]
+    assert expected  # the tiny model's two answers differ on at least one prompt
+    stored = [
+        (p.origin, p.prompt, p.context, p.chosen, p.rejected) for p in user_pairs.list_user_pairs(results_ws)
+    ]
+    assert stored == expected
 
 
 def test_stopping_a_chat_answer_says_so_and_keeps_its_text(results_ws):
@@ -171,11 +178,7 @@ def test_stopping_a_chat_answer_says_so_and_keeps_its_text(results_ws):
             message.runner.cancel()  # what escape does while an answer streams
 
     async def scenario(app, pilot):
-        await pilot.press("7")
-        app.screen.query_one("#chat-max-tokens", Input).value = "64"
-        app.screen.query_one("#message", Input).focus()
-        await pilot.press(*"hello", "enter")
-        await settle(app, pilot)
+        await chat_hello(app, pilot, max_tokens=64)
         (answer,) = app.screen.query(".chat-answer")
         assert str(answer.render()).strip()  # what it wrote before the stop stays on screen
         status = str(app.screen.query_one("#job-status").render())
@@ -195,11 +198,7 @@ def test_chat_streams_one_message_then_side_by_side(results_ws):
             said.append(message.item.message)
 
     async def scenario(app, pilot):
-        await pilot.press("7")
-        app.screen.query_one("#chat-max-tokens", Input).value = "6"
-        app.screen.query_one("#message", Input).focus()
-        await pilot.press(*"hello", "enter")
-        await settle(app, pilot)
+        await chat_hello(app, pilot, max_tokens=6)
         answers = app.screen.query(".chat-answer")
         assert len(answers) == 1 and str(answers[0].render()).strip()
         session = app.screen.sessions["personalized"]

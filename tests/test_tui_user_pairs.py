@@ -3,13 +3,14 @@ and marking chat answers good or bad, each checked in the stored rows."""
 
 from __future__ import annotations
 
-from textual.widgets import DataTable, Input, TextArea
+from textual.widgets import DataTable, TextArea
 
 from mipo_local import pairs_store, user_pairs
 from mipo_local.settings import PairSettings
 from tests.test_pairs import _run
 from tests.test_tui_core import drive, settle
 from tests.test_tui_pairs import _fill
+from tests.tuihelp import chat_hello
 
 WARM = PairSettings(max_tokens=8, temperature=0.8, batch_size=8, per_prompt=1)
 
@@ -64,11 +65,7 @@ def test_chat_keys_mark_the_last_answer_good_or_bad(tiny_workspace):
     better = "Ahoy! Here is what I wanted."
 
     async def scenario(app, pilot):
-        await pilot.press("7")
-        app.screen.query_one("#chat-max-tokens", Input).value = "6"
-        app.screen.query_one("#message", Input).focus()
-        await pilot.press(*"hello", "enter")
-        await settle(app, pilot)
+        await chat_hello(app, pilot, max_tokens=6)
         await pilot.press("ctrl+g")
         await settle(app, pilot)
         await pilot.press("ctrl+b")

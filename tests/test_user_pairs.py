@@ -57,6 +57,8 @@ def test_review_keep_swap_edit_drop_and_nothing_overwrites_them(ws_dir, tiny_ggu
     assert listing.splitlines()[0].split() == ["id", "from", "prompt", "chosen", "rejected"]
     assert len(listing.splitlines()) == 4 and "review" in listing and "chickpea" in listing
     assert "Pairs:      3 (3 yours)" in run_cli("status").stdout
+    sources = [line.split()[1] for line in run_cli("pairs", "list").stdout.splitlines()[1:]]
+    assert sources == ["user"] * 3
     assert "Pair 3 (random-context, seed " in (shown := run_cli("pairs", "show", "3").stdout)
     assert ", yours from review)" in shown and "chickpea" in shown
 

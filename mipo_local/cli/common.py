@@ -107,8 +107,11 @@ def drive(events: Iterable[Progress | Log]):
             close()  # on Ctrl-C this runs the job's cleanup (commit finished work, release the lock)
 
 
-def table(rows: list[list[str]], headers: list[str]) -> None:
-    """Print a plain aligned table on stdout."""
+def table(rows: list[list[str]], headers: list[str], empty: str | None = None) -> None:
+    """Print a plain aligned table on stdout; with no rows and an `empty` hint, the hint alone."""
+    if not rows and empty is not None:
+        click.echo(empty)
+        return
     cols = list(zip(headers, *rows, strict=False)) if rows else [(h,) for h in headers]
     widths = [min(60, max(len(str(c)) for c in col)) for col in cols]
 

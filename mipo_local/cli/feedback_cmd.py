@@ -22,12 +22,8 @@ def list_cmd(ctx: click.Context) -> None:
         [str(p.id), p.origin or "", p.prompt, p.chosen, p.rejected]
         for p in user_pairs.list_user_pairs(open_workspace(ctx))
     ]
-    if not rows:
-        click.echo(
-            "No pairs of yours yet: review one (mipo-local pairs review ID --keep) or use /good in chat."
-        )
-        return
-    table(rows, ["id", "from", "prompt", "chosen", "rejected"])
+    hint = "No pairs of yours yet: review one (mipo-local pairs review ID --keep) or use /good in chat."
+    table(rows, ["id", "from", "prompt", "chosen", "rejected"], empty=hint)
 
 
 @feedback.command()

@@ -83,15 +83,17 @@ def pairs(ctx: click.Context, from_run: str | None, **options) -> None:
 @pairs.command("list")
 @click.pass_context
 def list_cmd(ctx: click.Context) -> None:
-    """List all pairs: id, strategy, PMI margin, prompt and the start of the chosen answer."""
+    """List all pairs: id, source (user, generated, import), strategy, PMI margin, prompt and the start of
+    the chosen answer."""
     rows = []
     for p in pairs_store.list_pairs(open_workspace(ctx)):
         margin = "" if p.pmi_margin is None else f"{p.pmi_margin:+.2f}"
-        rows.append([str(p.id), p.strategy, margin, p.prompt, p.chosen])
-    if not rows:
-        click.echo("No pairs yet. Generate them: mipo-local pairs")
-        return
-    table(rows, ["id", "strategy", "pmi", "prompt", "chosen"])
+        rows.append([str(p.id), p.source, p.strategy, margin, p.prompt, p.chosen])
+    table(
+        rows,
+        ["id", "source", "strategy", "pmi", "prompt", "chosen"],
+        empty="No pairs yet. Generate them: mipo-local pairs",
+    )
 
 
 @pairs.command()

@@ -465,8 +465,8 @@ def regenerate_pair(
                 " WHERE id = :id AND source = 'generated'",
                 {**row, "id": pair_id},
             ).rowcount
-            # New answers: the cached reference log-probs describe the old ones.
-            conn.execute("DELETE FROM ref_logps WHERE pair_id = ?", (pair_id,))
+            if updated:  # new answers: the cached reference log-probs describe the old ones
+                conn.execute("DELETE FROM ref_logps WHERE pair_id = ?", (pair_id,))
         if not updated:  # deleted or reviewed by another process meanwhile: nothing to put the answers in
             raise UserInputError(f"Pair {pair_id} was deleted or reviewed while it was being regenerated.")
         yield meter.committed(1)

@@ -220,12 +220,13 @@ def resumed_settings(stored: dict) -> TrainSettings:
     """A run's settings as stored at its start; a setting added since gets the value that run trained with."""
     known = {f.name for f in dataclasses.fields(TrainSettings)}
     values = {k: v for k, v in stored.items() if k in known}
-    # Runs started before these settings existed had no KL anchor, then only the "rejected" one.
+    # A stored run that lacks a setting trained without it: no KL anchor (or the "rejected" one), a first
+    # round, every pair at weight 1.
     values.setdefault("other_context_kl", 0.0)
     values.setdefault("kl_anchor", "rejected")
-    values.setdefault("from_run", None)  # and before rounds, every run was a first round
+    values.setdefault("from_run", None)
     values.setdefault("round", 1)
-    values.setdefault("user_weight", 1.0)  # and before the user's pairs had a weight, every pair weighed 1
+    values.setdefault("user_weight", 1.0)
     return TrainSettings(**{**values, "targets": tuple(values["targets"])})
 
 

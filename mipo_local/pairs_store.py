@@ -24,6 +24,8 @@ _FIELDS = (
     "pair_key", "prompt", "context", "neg_context", "neg_prompt", "strategy", "chosen", "rejected", "seed",
     "settings", "scores", "pmi_margin", "source", "round", "sampler", "origin",
 )  # fmt: skip
+# Who made a pair: mipo-local's sampler, an imported file, or the user (user_pairs.py).
+PAIR_SOURCES = ("generated", "import", "user")
 
 
 @dataclass
@@ -162,6 +164,8 @@ def _meta(obj: dict, where: str) -> dict:
         raise UserInputError(f"{where} has a 'mipo.seed' outside 0..{ID_MAX}.")
     if meta.get("pmi_margin") is not None and not math.isfinite(meta["pmi_margin"]):
         raise UserInputError(f"{where} has a 'mipo.pmi_margin' that is not a finite number.")
+    if meta.get("source") is not None and meta["source"] not in PAIR_SOURCES:
+        raise UserInputError(f"{where} has a 'mipo.source' other than {', '.join(PAIR_SOURCES)}.")
     for key in ("pair_key", "strategy", "source"):
         if meta.get(key) is not None and (not meta[key].strip() or len(meta[key]) > 200):
             raise UserInputError(f"{where} has an empty or over-long 'mipo.{key}'.")

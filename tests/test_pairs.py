@@ -305,6 +305,10 @@ def test_import_reads_trl_conversational_forms(tmp_path):
     for bad, message in [
         ({"prompt": [user], "chosen": "x", "rejected": [no]}, "line 1 'chosen' is not a list"),
         (
+            {"prompt": "q", "chosen": "a", "rejected": "b", "mipo": {"source": "admin"}},
+            "line 1 has a 'mipo.source' other than generated, import, user",
+        ),
+        (
             {"prompt": "q", "chosen": "a", "rejected": "b", "mipo": {"seed": "7"}},
             "'mipo.seed' of the wrong type",
         ),

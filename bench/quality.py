@@ -192,7 +192,10 @@ def positives_probe(variants: list[str], n_prompts: int, profiles: list[Profile]
         overrides = {}
         for part in filter(None, variant.split(",")):
             key, value = part.split("=")
-            overrides[key] = int(value) if fields[key] in ("int", int) else float(value)
+            kind = fields[key]
+            overrides[key] = (
+                int(value) if kind in ("int", int) else value if kind in ("str", str) else float(value)
+            )
         settings = dataclasses.replace(PairSettings(), **overrides)
         rng = np.random.default_rng(0)
         rates, degenerate, dropped, total = [], 0, 0, 0
@@ -203,9 +206,10 @@ def positives_probe(variants: list[str], n_prompts: int, profiles: list[Profile]
                 items = []
                 for i, q in enumerate(QUESTIONS[:n_prompts]):
                     neg = pool[int(rng.integers(len(pool)))]
-                    neg_ids = cf.prompt_ids(neg, q)
-                    items.append(candidates.Item(f"{prof.name}-{i}", cf.prompt_ids(prof.context, q), neg_ids,
-                                                 neg_ids, prof.context, q))  # fmt: skip
+                    turn = settings.context_turn
+                    neg_ids = cf.prompt_ids(neg, q, context_turn=turn)
+                    items.append(candidates.Item(f"{prof.name}-{i}", cf.prompt_ids(prof.context, q, context_turn=turn),
+                                                 neg_ids, neg_ids, prof.context, q))  # fmt: skip
                 choices = candidates.choose(eng, items, settings)
                 kept = [choices[it.key].chosen for it in items]
                 rates.append(np.mean([c is not None and prof.check(c.text) for c in kept]))

@@ -36,10 +36,16 @@ _PLACEHOLDER = "\ue000{}\ue001"
 _PLACEHOLDER_RE = re.compile("\ue000(\\d+)\ue001")
 
 
-def build_messages(context: str | None, prompt: str, response: str | None = None) -> list[Message]:
-    """The conversation MIPO trains on: the context as the system turn (when given), then the question."""
+def build_messages(
+    context: str | None, prompt: str, response: str | None = None, *, context_turn: str = "system"
+) -> list[Message]:
+    """The conversation MIPO trains on: the context as the system turn (when given), then the question.
+    `context_turn="user"` writes the context at the head of the question's turn instead, the form `pairs`
+    samples answers with (settings.PairSettings.context_turn)."""
     messages: list[Message] = []
-    if context:
+    if context and context_turn == "user":
+        prompt = f"{context}\n\n{prompt}"
+    elif context:
         messages.append({"role": "system", "content": context})
     messages.append({"role": "user", "content": prompt})
     if response is not None:
@@ -337,8 +343,8 @@ class ChatFormat:
         segments = self.template.render_segments(messages, add_generation_prompt=True)
         return self.tokenizer.with_bos(self.tokenizer.encode_segments(segments))
 
-    def prompt_ids(self, context: str | None, prompt: str) -> list[int]:
-        return self.conversation_ids(build_messages(context, prompt))
+    def prompt_ids(self, context: str | None, prompt: str, *, context_turn: str = "system") -> list[int]:
+        return self.conversation_ids(build_messages(context, prompt, context_turn=context_turn))
 
     def response_ids(self, context: str | None, prompt: str, response: str) -> list[int]:
         """Token ids of `response` as the template writes it after the prompt (end-of-turn included)."""

@@ -1,11 +1,16 @@
 """The MIPO recipe: preference pairs whose positive uses the user's context and whose negative does not.
 
 For a prompt x and the user's context c:
-    y+ ~ base(. | c, x)                       the answer with the user's context in the system turn
+    y+ ~ base(. | c, x)                       the answer with the user's context
     y- ~ base(. | c', x)   random-context     c' an unrelated persona (or another of the user's contexts)
     y- ~ base(. | x)       no-context
     y- ~ base(. | c, x')   random-prompt      generic MIPO: the answer to a different prompt
-DPO then trains on (prompt=(c, x), chosen=y+, rejected=y-).
+DPO then trains on (prompt=(c, x), chosen=y+, rejected=y-), with c as the system turn.
+
+Both answers are sampled with their context at the head of the question's turn (`context_turn` "user"), where
+a small model follows it far more often than from the system turn, and trained with it in the system turn,
+where the user's contexts sit in chat and in the exported Modelfile: the model learns to do from the system
+turn what the base does only when the wish stands next to the question.
 
 With `candidates` K > 1, K answers are sampled per side and the positive with the highest pointwise mutual
 information log p(y|c,x) - log p(y|c',x) under the base is kept, and the negative with the lowest.
@@ -38,7 +43,7 @@ from .pairs_progress import PairsMeter
 from .personas import negative_pool
 from .progress import Log, Progress
 from .rounds import Sampler
-from .settings import NEGATIVE_STRATEGIES, PairSettings
+from .settings import CONTEXT_TURNS, NEGATIVE_STRATEGIES, PairSettings
 from .validation import require_number, require_seed
 from .workspace import Workspace
 
@@ -88,6 +93,10 @@ def describe(s: PairsSummary) -> str:
 
 
 def validate(settings: PairSettings) -> None:
+    if settings.context_turn not in CONTEXT_TURNS:
+        raise UserInputError(
+            f"--context-turn must be one of {', '.join(CONTEXT_TURNS)}, not '{settings.context_turn}'."
+        )
     if settings.strategy not in NEGATIVE_STRATEGIES:
         raise UserInputError(
             f"--strategy must be one of {', '.join(NEGATIVE_STRATEGIES)}, not '{settings.strategy}'."
@@ -113,6 +122,13 @@ def validate(settings: PairSettings) -> None:
     require_seed("--seed", settings.seed)
 
 
+def stored_settings(stored: dict) -> PairSettings:
+    """The PairSettings a pair or job recorded, without the keys this version does not know. A record
+    without `context_turn` was sampled with the context in the system turn."""
+    known = {f.name for f in fields(PairSettings)}
+    return PairSettings(**{"context_turn": "system", **{k: v for k, v in stored.items() if k in known}})
+
+
 def plan_pairs(ws: Workspace, settings: PairSettings, sampler: Sampler | None = None) -> list[PairPlan]:
     """Every pair these settings ask for, in a stable order, with its negative chosen by a keyed seed."""
     contexts = ws.contexts()
@@ -134,6 +150,7 @@ def plan_pairs(ws: Workspace, settings: PairSettings, sampler: Sampler | None = 
         settings.seed,
         *([settings.guidance] if settings.guidance else []),  # keys of unguided pairs stay as they were
         *([f"rp{settings.repeat_penalty}"] if settings.repeat_penalty != 1.0 else []),
+        *([f"turn-{settings.context_turn}"] if settings.context_turn != "system" else []),
         *(sampler.key_parts() if sampler else ()),  # a later round's pairs are new requests
     )
     plans: list[PairPlan] = []
@@ -252,7 +269,7 @@ def generate_pairs(
         prompt_limit = n_ctx_train - settings.max_tokens - 1
         # Every plan is encoded, done ones too: the engine's shape then depends on the plan alone, so a resumed
         # run decodes exactly what an uninterrupted one would.
-        encoded = {plan.key: _encode(cf, plan) for plan in plans}
+        encoded = {plan.key: _encode(cf, plan, settings.context_turn) for plan in plans}
         # The fit is a property of each plan (its context, question and negative), not of the prompt: one
         # long context must not cost every other context its pairs.
         too_long = {p.key for p in plans if max(map(len, encoded[p.key].values())) > prompt_limit}
@@ -313,21 +330,24 @@ def generate_pairs(
         return summary
 
 
-def _encode(cf, plan: PairPlan) -> dict[str, list[int]]:
-    """Prompt ids of the positive, the negative, and the negative context used for scoring."""
-    return {
-        "pos": cf.prompt_ids(plan.context, plan.prompt),
-        "neg": _negative_prompt_ids(cf, plan),
-        "score_neg": cf.prompt_ids(plan.neg_context, plan.prompt),
-    }
+def _encode(cf, plan: PairPlan, context_turn: str) -> dict[str, list[int]]:
+    """Prompt ids of the positive, the negative, and the negative context used for guidance and scoring,
+    with every context in `context_turn` (settings.PairSettings.context_turn)."""
 
+    def ids(context: str | None, prompt: str) -> list[int]:
+        return cf.prompt_ids(context, prompt, context_turn=context_turn)
 
-def _negative_prompt_ids(cf, plan: PairPlan) -> list[int]:
     if plan.strategy == "random-context":
-        return cf.prompt_ids(plan.neg_context, plan.prompt)
-    if plan.strategy == "no-context":
-        return cf.prompt_ids(None, plan.prompt)
-    return cf.prompt_ids(plan.context, plan.neg_prompt)
+        neg = ids(plan.neg_context, plan.prompt)
+    elif plan.strategy == "no-context":
+        neg = ids(None, plan.prompt)
+    else:
+        neg = ids(plan.context, plan.neg_prompt)
+    return {
+        "pos": ids(plan.context, plan.prompt),
+        "neg": neg,
+        "score_neg": ids(plan.neg_context, plan.prompt),
+    }
 
 
 _INSERT_PAIR = """
@@ -425,8 +445,7 @@ def regenerate_pair(
         what = "made by you" if old.source == "user" else "imported"
         raise UserInputError(f"Pair {pair_id} was {what}; only generated pairs can be regenerated.")
     sampler = rounds.sampler_for(ws, old.sampler)  # a later round's pair is sampled by its round's model
-    known = {f.name for f in fields(PairSettings)}
-    settings = PairSettings(**{k: v for k, v in old.settings.items() if k in known})
+    settings = stored_settings(old.settings)
     seed = secrets.randbelow(2**31) if seed is None else seed
     # The user asked for this pair: keep it whatever its PMI margin (no min-pmi filter here).
     settings = replace(settings, seed=seed, min_pmi=None)
@@ -489,7 +508,7 @@ def _plan_engine(model, plan: PairPlan, settings: PairSettings, sampler: Sampler
     from .engine import Engine
 
     cf = chat_format(str(model.file))
-    encoded = {plan.key: _encode(cf, plan)}
+    encoded = {plan.key: _encode(cf, plan, settings.context_turn)}
     longest = max(map(len, encoded[plan.key].values()))
     with Engine(
         model.file,

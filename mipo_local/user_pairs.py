@@ -14,13 +14,13 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import asdict, fields, replace
+from dataclasses import asdict, replace
 
 import numpy as np
 
 from . import candidates, modelsource
 from .errors import UserInputError
-from .pairs import PairPlan, sample_choice
+from .pairs import PairPlan, sample_choice, stored_settings
 from .pairs_store import Pair, get_pair
 from .personas import negative_pool
 from .settings import PairSettings
@@ -176,9 +176,7 @@ def pair_settings(ws: Workspace) -> PairSettings:
     rows = ws.query("SELECT settings FROM pairs WHERE source = 'generated' ORDER BY id DESC LIMIT 1")
     if not rows:
         return PairSettings()
-    known = {f.name for f in fields(PairSettings)}
-    stored = {k: v for k, v in json.loads(rows[0]["settings"]).items() if k in known}
-    return replace(PairSettings(**stored), min_pmi=None)
+    return replace(stored_settings(json.loads(rows[0]["settings"])), min_pmi=None)
 
 
 def _mipo_plan(ws: Workspace, context: str, prompt: str, answer: str) -> PairPlan:

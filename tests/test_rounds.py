@@ -71,7 +71,8 @@ def test_round_two_samples_from_base_plus_adapter_and_scores_like_the_merged_mod
         for p in round2:
             scores = json.loads(p["scores"])
             n = scores["chosen_tokens"]
-            prompt = cf.prompt_ids(p["context"], p["prompt"])
+            turn = json.loads(p["settings"])["context_turn"]  # the prompt the answer was sampled under
+            prompt = cf.prompt_ids(p["context"], p["prompt"], context_turn=turn)
             # what the sampler scored: the sampled tokens; retokenized text can differ, so score the same
             # number of tokens of the stored text only when it round-trips
             tokens = cf.tokenizer.encode_text(p["chosen"])

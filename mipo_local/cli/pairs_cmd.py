@@ -60,6 +60,13 @@ from .common import ID, drive, open_workspace, table
     help="llama.cpp's repetition penalty while sampling both answers (default: 1.1; 1 is none).",
 )
 @click.option(
+    "--context-turn",
+    type=click.Choice(["user", "system"]),
+    default=None,
+    help="Where the contexts sit while the answers are sampled: at the head of the question (user, the "
+    "default) or as the system turn. Training always puts your context in the system turn.",
+)
+@click.option(
     "--from-run",
     "from_run",
     default=None,

@@ -14,7 +14,7 @@ from textual.widgets import Button, DataTable, Input, Label, Select
 
 from mipo_local import pairs_store, user_pairs
 from mipo_local.errors import MipoError
-from mipo_local.pairs import generate_pairs, outlook, regenerate_pair
+from mipo_local.pairs import generate_pairs, outlook, regenerate_pair, stored_settings
 from mipo_local.settings import NEGATIVE_STRATEGIES, PairSettings, with_overrides
 
 from ..format import one_line, plural
@@ -123,7 +123,7 @@ class PairsScreen(SectionScreen):
         self.query_one(JobRunner).start("pairs", lambda: generate_pairs(ws, settings), resume=record)
 
     def resume_job(self, record: dict) -> None:
-        self._start(PairSettings(**record["settings"]))
+        self._start(stored_settings(record["settings"]))
 
     def action_cancel_job(self) -> None:
         self.query_one(JobRunner).cancel()

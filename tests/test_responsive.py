@@ -246,3 +246,40 @@ def test_the_status_line_names_the_phase(tiny_workspace, decodes):
 
     line = describe(next(e for e in seen if e.phase == "sampling"))
     assert line.startswith("sampling · chunk 1/1, ") and "tokens" in line and "ETA" in line
+
+
+EVAL_PHASES = ["loading model", "scoring pairs", "sampling answers", "scoring neutral text"]
+
+
+def test_evaluate_names_its_phases_and_stops_at_the_next_decode_step(tiny_workspace, decodes):
+    from mipo_local.evaluate import evaluate
+    from mipo_local.export import export
+    from mipo_local.settings import EvalSettings, ExportSettings
+    from tests.exporthelp import make_finished_run
+
+    tiny_workspace.add_context("I am Ana, a vegan chef in Lisbon.")
+    make_finished_run(tiny_workspace, n_pairs=4)
+    run_to_end(export(tiny_workspace, None, ExportSettings(adapter_only=True, verify=False)))
+    settings = EvalSettings(n=4, max_tokens=16)
+
+    events = [e for e in evaluate(tiny_workspace, settings) if isinstance(e, Progress)]
+    assert _phases(events) == [*EVAL_PHASES, *EVAL_PHASES, "loading model", "context sensitivity", "saving"]
+    assert [e.message for e in events if e.phase == "loading model"] == [
+        "the personalized model",
+        "the base model",
+        "the base model",
+    ]
+    sampling = [e for e in events if e.phase == "sampling answers"]
+    assert len(sampling) >= 2 * 8 and "tokens" in sampling[0].message  # a step per decode, not per phase
+    shares = [e.fraction for e in events]
+    assert shares == sorted(shares) and shares[-1] == 1.0  # one share over every phase, never back
+
+    job, seen = evaluate(tiny_workspace, settings), []
+    for event in job:
+        seen.append(event)
+        if isinstance(event, Progress) and event.phase == "sampling answers" and "base" in event.message:
+            at_close = decodes["calls"]
+            job.close()  # a few tokens into the base model's answers
+            break
+    assert decodes["calls"] == at_close  # not one decode step after the close
+    assert tiny_workspace.count("evals") == 1 and tiny_workspace.running_jobs() == []

@@ -27,7 +27,7 @@ from .engine import DecodeStep, GenRequest, Penalties
 from .errors import ModelError, UserInputError, WorkspaceError
 from .fsutil import atomic_write_text
 from .personas import negative_pool
-from .progress import Log, Progress, ShareClock, drain
+from .progress import Log, PhaseMeter, Progress, drain
 from .settings import EvalSettings
 from .train import runs
 from .validation import require_int, require_seed
@@ -176,41 +176,6 @@ SAMPLING_COST = 8
 JUDGE_PROMPT_TOKENS = 300  # about the judge prompt's length around an answer, for the job's share
 
 
-class EvalMeter:
-    """Progress events of an evaluation: each phase named, its own counts, and one share over the job
-    in which each phase weighs its tokens (see SAMPLING_COST)."""
-
-    def __init__(self, plan: list[tuple[str, float]]) -> None:
-        self.offset, total = {}, 0.0
-        for key, weight in plan:
-            self.offset[key] = (total, weight)
-            total += weight
-        self.total = max(total, 1.0)
-        self.clock = ShareClock()
-        self.share = 0.0
-
-    def loading(self, who: str) -> Progress:
-        return Progress("eval", 0, 0, f"the {who} model", phase="loading model", share=self.share)
-
-    def step(self, key: str, fraction: float, phase: str, message: str, done: int, total: int, unit: str):
-        low, weight = self.offset[key]
-        self.share = max(self.share, (low + weight * min(1.0, fraction)) / self.total)
-        eta = self.clock.eta(self.share)
-        return Progress("eval", done, total, message, eta, None, unit, {}, phase, self.share)
-
-    def relay(self, steps: Generator, key: str, phase: str, what: str, unit: str, before=0, whole=None):
-        """The engine's DecodeSteps of `steps` as Progress events of `phase`; returns what `steps` returns.
-        `before` / `whole`: the tokens read before this call in a phase of several calls, and the phase's."""
-        while True:
-            try:
-                s = next(steps)
-            except StopIteration as stop:
-                return stop.value
-            fraction = s.fraction if whole is None else (before + s.work_done) / max(1, whole)
-            tokens = f", {s.tokens} tokens" if s.phase == "sampling" else ""
-            yield self.step(key, fraction, phase, f"{what}{tokens}", s.done, s.total, unit)
-
-
 def evaluate(
     ws: Workspace, settings: EvalSettings, *, export_id: int | None = None, judge: Path | None = None
 ) -> Generator[Progress | Log, None, EvalReport]:
@@ -277,11 +242,11 @@ def evaluate(
         plan.append(("pmi", 2 * pmi_tokens))
         if judge is not None:
             plan.append(("judge", 2 * len(items) * (JUDGE_PROMPT_TOKENS + settings.max_tokens)))
-        meter = EvalMeter(plan)
+        meter = PhaseMeter("eval", plan)
         model_path, lora = export_engine_args(ws, export)
         results = {}
         for who, path, adapter in (("personalized", model_path, lora), ("base", base.file, None)):
-            yield meter.loading(who)
+            yield meter.loading(f"the {who} model")
             model = f"{who} model"
             with Engine(path, n_seq=8, ctx_per_seq=ctx, lora_path=adapter) as eng:
                 lp = yield from meter.relay(
@@ -311,7 +276,7 @@ def evaluate(
             )
         ctx2 = max(len(p) + len(a) for w, wo in scored.values() for p, a in w + wo) + 4
         pmi_whole = sum(len(p) + len(a) for w, wo in scored.values() for p, a in w + wo)
-        yield meter.loading("base")
+        yield meter.loading("the base model")
         with Engine(base.file, n_seq=8, ctx_per_seq=ctx2) as eng:
             read = 0
             for label, calls in scored.items():

@@ -230,8 +230,7 @@ def check_steps(
         )
     scored = [(scores[2 * i], scores[2 * i + 1]) for i in range(len(items))]
     if quant not in (None, "f16") and meter.offset["base"][1] > 0:  # quantized once, then scored
-        yield Progress(stage, 0, 0, f"the base model, quantized to {quant.upper()} as the export",
-                       phase="loading model", share=meter.share)  # fmt: skip
+        yield meter.loading(f"the base model, quantized to {quant.upper()} as the export")
     base = yield from meter.relay(
         llama_cpp_refs_steps(ws, items, model_sha=sha, max_len=max_len, base_gguf=Path(base_path),
                              threads=threads, quant=quant),

@@ -100,7 +100,9 @@ class PhaseMeter:
         self.share = 0.0
 
     def loading(self, what: str) -> Progress:
-        return Progress(self.stage, 0, 0, what, phase="loading model", share=self.share)
+        # The ETA of the job so far (none before its first step: the first load does not set the rate).
+        eta = None if self.clock.start is None else self.clock.eta(self.share)
+        return Progress(self.stage, 0, 0, what, eta, phase="loading model", share=self.share)
 
     def step(self, key: str, fraction: float, phase: str, message: str, done: int, total: int, unit: str):
         """The event of phase `key` being `fraction` done; the share never runs backwards."""

@@ -283,3 +283,36 @@ def test_evaluate_names_its_phases_and_stops_at_the_next_decode_step(tiny_worksp
             break
     assert decodes["calls"] == at_close  # not one decode step after the close
     assert tiny_workspace.count("evals") == 1 and tiny_workspace.running_jobs() == []
+
+
+def test_cancelling_evaluate_in_the_app_stops_within_a_decode_step_and_says_nothing_is_stored(
+    tiny_workspace, decodes
+):
+    from mipo_local.export import export
+    from mipo_local.settings import ExportSettings
+    from tests.exporthelp import make_finished_run
+    from tui.screens.evaluate import STOPPED_NOTE
+
+    tiny_workspace.add_context("I am Ana, a vegan chef in Lisbon.")
+    make_finished_run(tiny_workspace, n_pairs=4)
+    run_to_end(export(tiny_workspace, None, ExportSettings(adapter_only=True, verify=False)))
+    decodes["pace"] = 0.02
+    seen, status = [], {}
+
+    async def scenario(app, pilot):
+        await pilot.press("6")
+        runner = app.screen.query_one(JobRunner)
+        decodes["stop"] = runner._stop
+        await pilot.press("v")
+        deadline = time.monotonic() + 60
+        while not any(e.phase == "sampling answers" for e in seen) and time.monotonic() < deadline:
+            await pilot.pause(0.02)
+        await pilot.press("c")
+        await settle(app, pilot)
+        status["stopped"] = str(runner.query_one("#job-status", Label).render())
+
+    notes = drive(tiny_workspace.root, scenario, hook=_progress_hook(seen))
+    assert decodes["after_stop"] <= 1  # at most the decode step under way when the key came
+    assert status["stopped"] == f"eval: {STOPPED_NOTE}"
+    assert [n.message for n in notes if n.title == "Cancelled"] == [STOPPED_NOTE]
+    assert tiny_workspace.count("evals") == 0 and tiny_workspace.running_jobs() == []

@@ -22,6 +22,7 @@ from .dialogs import clear_field_error, error_label, show_field_error
 from .section import SectionScreen
 
 SAMPLES_SHOWN = 3
+STOPPED_NOTE = "The evaluation was stopped; it stores its report only once it finishes."
 REFERENCE = "- (reference)"  # the base is what accuracy, margin and drift are measured against
 
 # One plain sentence per number of the table, in its order.
@@ -101,7 +102,7 @@ class EvaluateScreen(SectionScreen):
             yield Button("Evaluate", variant="primary", id="evaluate", compact=True)
             yield Button("Blind A/B", id="blind-ab-open", compact=True)
         yield error_label("eval-error")
-        yield JobRunner(id="eval-job")
+        yield JobRunner(id="eval-job", cancelled_note=STOPPED_NOTE)
         with VerticalScroll(id="eval-body"):
             yield Static(id="eval-title")
             table = DataTable(id="eval-table", cursor_type="none", zebra_stripes=True)

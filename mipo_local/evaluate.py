@@ -23,10 +23,11 @@ import numpy as np
 
 from . import gguf_io, modelsource
 from .chat import chat_format
+from .engine import DecodeStep, GenRequest, Penalties
 from .errors import ModelError, UserInputError, WorkspaceError
 from .fsutil import atomic_write_text
 from .personas import negative_pool
-from .progress import EtaClock, Log, Progress
+from .progress import Log, PhaseMeter, Progress, drain
 from .settings import EvalSettings
 from .train import runs
 from .validation import require_int, require_seed
@@ -125,40 +126,63 @@ def validate(settings: EvalSettings) -> None:
         raise UserInputError(f"top_p must be in (0, 1], not {settings.top_p}.")
 
 
-def _answers(engine, cf, items, settings: EvalSettings) -> list[str]:
-    from .engine import GenRequest, Penalties
-
+def _answers_steps(engine, cf, items, settings: EvalSettings) -> Generator[DecodeStep, None, list[str]]:
+    """Sample one answer per (context, prompt), yielding the engine's DecodeSteps; returns the answers."""
     reqs = [
         GenRequest(cf.prompt_ids(c, x), max_tokens=settings.max_tokens, temperature=settings.temperature,
                    top_p=settings.top_p, seed=settings.seed + i, id=i, top_k=settings.top_k,
                    penalties=Penalties(settings.repeat_penalty, settings.repeat_last_n))
         for i, (c, x) in enumerate(items)
     ]  # fmt: skip
-    out = {r.id: r.text.strip() for r in engine.generate(reqs)}
+    out = {}
+    for item in engine.generate_steps(reqs):
+        if isinstance(item, DecodeStep):
+            yield item
+        else:
+            out[item.id] = item.text.strip()
     return [out[i] for i in range(len(items))]
 
 
-def judge_answers(path: Path, items, answers_a, answers_b) -> tuple[list[int], list[int]]:
+def judge_answers_steps(
+    path: Path, items, answers_a, answers_b
+) -> Generator[DecodeStep, None, tuple[list[int], list[int]]]:
+    """The judge's 1-5 score of each answer of both lists, yielding a step after each answer judged."""
     from .engine import Engine
 
     cf = chat_format(str(path))
     digits = [cf.tokenizer.encode_text(str(d)) for d in range(1, 6)]
+    total, judged = 2 * len(items), 0
     with Engine(path, n_seq=8, ctx_per_seq=2048) as judge:
         scores = []
         for answers in (answers_a, answers_b):
             col = []
             for (c, x), a in zip(items, answers, strict=True):
                 prompt = cf.prompt_ids(None, JUDGE_PROMPT.format(context=c, prompt=x, answer=a[:1500]))
-                lps = judge.score_many([(prompt, d) for d in digits])
+                lps = yield from judge.score_many_steps([(prompt, d) for d in digits])
                 col.append(1 + int(np.argmax(lps)))
+                judged += 1
+                yield DecodeStep("scoring", judged, total, 0, judged, total)
             scores.append(col)
     return scores[0], scores[1]
+
+
+def judge_answers(path: Path, items, answers_a, answers_b) -> tuple[list[int], list[int]]:
+    return drain(judge_answers_steps(path, items, answers_a, answers_b))
+
+
+# Reading a token in a wide scoring batch costs a fraction of sampling one (one token per decode step):
+# a sampled token counts this many read tokens in the share of the job done (see candidates.SCORING_SHARE).
+SAMPLING_COST = 8
+JUDGE_PROMPT_TOKENS = 300  # about the judge prompt's length around an answer, for the job's share
 
 
 def evaluate(
     ws: Workspace, settings: EvalSettings, *, export_id: int | None = None, judge: Path | None = None
 ) -> Generator[Progress | Log, None, EvalReport]:
-    """The `mipo-local eval` job. Returns the report, also stored in the workspace."""
+    """The `mipo-local eval` job. Returns the report, also stored in the workspace.
+
+    It yields a Progress event after every decode step (loading a model is one step), so it reports its
+    phase and stops between two decode steps when closed; nothing is stored before the report."""
     from .engine import Engine
 
     started = time.monotonic()
@@ -204,22 +228,42 @@ def evaluate(
             + 8
         )
         ctx = max(ctx, max(len(p) + len(r) for p, r in neutral) + 4)
-        clock = EtaClock(4)
+        pair_items = [(e.prompt, r) for e in encoded for r in (e.chosen, e.rejected)]
+        pmi_tokens = sum(
+            len(cf.prompt_ids(c, x)) + len(cf.prompt_ids(n, x)) + 2 * settings.max_tokens
+            for (c, x), n in zip(items, negs, strict=True)
+        )
+        per_model = [
+            ("pairs", sum(len(p) + len(r) for p, r in pair_items)),
+            ("sampling", len(items) * settings.max_tokens * SAMPLING_COST),
+            ("neutral", sum(len(p) + len(r) for p, r in neutral)),
+        ]
+        plan = [(f"{who} {key}", w) for who in ("personalized", "base") for key, w in per_model]
+        plan.append(("pmi", 2 * pmi_tokens))
+        if judge is not None:
+            plan.append(("judge", 2 * len(items) * (JUDGE_PROMPT_TOKENS + settings.max_tokens)))
+        meter = PhaseMeter("eval", plan)
         model_path, lora = export_engine_args(ws, export)
         results = {}
-        for step, (label, path, adapter) in enumerate(
-            (("personalized", model_path, lora), ("base", base.file, None))
-        ):
+        for who, path, adapter in (("personalized", model_path, lora), ("base", base.file, None)):
+            yield meter.loading(f"the {who} model")
+            model = f"{who} model"
             with Engine(path, n_seq=8, ctx_per_seq=ctx, lora_path=adapter) as eng:
-                lp = eng.score_many([(e.prompt, r) for e in encoded for r in (e.chosen, e.rejected)])
-                answers = _answers(eng, cf, items, settings)
-                nl = eng.token_logprobs(neutral)
-            results[label] = {
-                "pair_lp": lp,
-                "answers": answers,
-                "neutral": float(np.mean(np.concatenate(nl))),
-            }
-            yield clock.event("eval", step + 1, message=f"{label} model scored")
+                lp = yield from meter.relay(
+                    eng.score_many_steps(pair_items), f"{who} pairs", "scoring pairs", model, "answers"
+                )
+                answers = yield from meter.relay(
+                    _answers_steps(eng, cf, items, settings), f"{who} sampling", "sampling answers", model,
+                    "answers",
+                )  # fmt: skip
+                nl = yield from meter.relay(
+                    eng.token_logprobs_steps(neutral),
+                    f"{who} neutral",
+                    "scoring neutral text",
+                    model,
+                    "texts",
+                )
+            results[who] = {"pair_lp": lp, "answers": answers, "neutral": float(np.mean(np.concatenate(nl)))}
         # Context sensitivity of both models' answers, measured under the base.
         scored = {}
         for label in ("personalized", "base"):
@@ -231,18 +275,30 @@ def evaluate(
                 [(cf.prompt_ids(n, x), a) for n, (_, x), a in zip(negs, items, ans, strict=True)],
             )
         ctx2 = max(len(p) + len(a) for w, wo in scored.values() for p, a in w + wo) + 4
+        pmi_whole = sum(len(p) + len(a) for w, wo in scored.values() for p, a in w + wo)
+        yield meter.loading("the base model")
         with Engine(base.file, n_seq=8, ctx_per_seq=ctx2) as eng:
-            for label, (with_c_items, with_n_items) in scored.items():
-                with_c, with_n = eng.score_many(with_c_items), eng.score_many(with_n_items)
-                results[label]["pmi"] = float(np.mean(np.array(with_c) - np.array(with_n)))
-        yield clock.event("eval", 3, message="context sensitivity scored")
+            read = 0
+            for label, calls in scored.items():
+                sums = []
+                for call in calls:  # answers under the user's context, then under a stranger's
+                    sums.append((yield from meter.relay(
+                        eng.score_many_steps(call), "pmi", "context sensitivity",
+                        f"{label} model's answers, under the base model", "answers",
+                        before=read, whole=pmi_whole,
+                    )))  # fmt: skip
+                    read += sum(len(p) + len(a) for p, a in call)
+                results[label]["pmi"] = float(np.mean(np.array(sums[0]) - np.array(sums[1])))
         pol, ref = np.array(results["personalized"]["pair_lp"]), np.array(results["base"]["pair_lp"])
         margins = beta * ((pol[0::2] - ref[0::2]) - (pol[1::2] - ref[1::2]))
         judge_summary, judge_scores = None, (None, None)
         if judge is not None:
             yield Log("eval", f"Judging {len(items)} answer pairs with {Path(judge).name}...")
-            p_scores, b_scores = judge_answers(
+            steps = judge_answers_steps(
                 Path(judge), items, results["personalized"]["answers"], results["base"]["answers"]
+            )
+            p_scores, b_scores = yield from meter.relay(
+                steps, "judge", "judging", Path(judge).name, "answers"
             )
             judge_scores = (float(np.mean(p_scores)), float(np.mean(b_scores)))
             judge_summary = {
@@ -251,7 +307,6 @@ def evaluate(
                 "loss": int(sum(p < b for p, b in zip(p_scores, b_scores, strict=True))),
                 "model": str(judge),
             }
-        yield clock.event("eval", 4, message="done")
         base_neutral, pers_neutral = results["base"]["neutral"], results["personalized"]["neutral"]
         report = EvalReport(
             export_id=export["id"],
@@ -273,6 +328,7 @@ def evaluate(
             seconds=time.monotonic() - started,
         )
         save_report(ws, report, run)
+        yield meter.step("pmi" if judge is None else "judge", 1.0, "saving", "report saved", 1, 1, "reports")
         return report
 
 

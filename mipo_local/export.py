@@ -308,8 +308,8 @@ def _verify(ws: Workspace, plan: _Plan, main: Path, settings: ExportSettings, ti
     yield Log(STAGE, "Checking fidelity on the held-out pairs in llama.cpp...")
     t0 = time.monotonic()
     adapter_only = plan.quant is None
-    fid = fidelity_mod.check(
-        ws, plan.run, plan.base if adapter_only else main, base_path=plan.base,
+    fid = yield from fidelity_mod.check_steps(
+        ws, plan.run, plan.base if adapter_only else main, base_path=plan.base, stage=STAGE,
         lora_path=main if adapter_only else None, threshold=settings.min_sign_agreement,
         threads=settings.threads, max_pairs=settings.verify_pairs, quant=plan.quant,
     )  # fmt: skip

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Generator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -24,6 +25,7 @@ import numpy as np
 
 from .errors import ExportError
 from .pairs_store import list_pairs
+from .progress import PhaseMeter, Progress, drain
 from .train import runs
 from .workspace import Workspace
 
@@ -169,9 +171,28 @@ def check(
         quant: the export's quantization (None for an adapter or F16): the base is scored quantized the
             same way (cached in the workspace; training precomputes it for the automatic quant).
     """
+    return drain(check_steps(ws, run, model_path, base_path=base_path, lora_path=lora_path,
+                             threshold=threshold, threads=threads, max_pairs=max_pairs, quant=quant))  # fmt: skip
+
+
+def check_steps(
+    ws: Workspace,
+    run: runs.Run,
+    model_path: str | os.PathLike,
+    *,
+    base_path: str | os.PathLike,
+    lora_path: str | os.PathLike | None = None,
+    threshold: float = 0.95,
+    threads: int | None = None,
+    max_pairs: int | None = None,
+    quant: str | None = None,
+    stage: str = "export",
+) -> Generator[Progress, None, Fidelity | None]:
+    """`check`, yielding a Progress event of `stage` after every decode step: the phases are loading the
+    export, scoring it, and scoring the base where the workspace has no cached scores yet."""
     from .engine import Engine
     from .train.batching import encode_pairs
-    from .train.reference import llama_cpp_refs
+    from .train.reference import LLAMA_CPP, cached, llama_cpp_refs_steps
 
     heldout = read_heldout(ws, run.name)
     if not heldout:
@@ -182,22 +203,47 @@ def check(
     if not kept:
         return None
     max_len = int(run.settings.get("max_len", 512))
+    sha = run.base_model["sha256"]
     # The training batcher's own encoding (template, tokenizer, truncation), so tokens match training's.
     items = encode_pairs(str(base_path), [by_id[h["pair_id"]] for h in kept], max_len)
     longest = max(len(t.encoded.prompt) + max(len(t.encoded.chosen), len(t.encoded.rejected)) for t in items)
     requests = [(t.encoded.prompt, r) for t in items for r in (t.encoded.chosen, t.encoded.rejected)]
+    with_llama_policy = all("llama_policy_chosen" in h for h in kept)
+
+    def to_score(q: str | None) -> int:
+        """The tokens of the base's scores that the workspace has not cached for quantization `q`."""
+        source = LLAMA_CPP if q in (None, "f16") else f"{LLAMA_CPP}:{q}"
+        have = cached(ws, [t.pair_id for t in items], sha, source, max_len)
+        return sum(len(p) + len(r) for t in items if t.pair_id not in have for p, r in
+                   [(t.encoded.prompt, t.encoded.chosen), (t.encoded.prompt, t.encoded.rejected)])  # fmt: skip
+
+    plan = [("export", sum(len(p) + len(r) for p, r in requests)), ("base", to_score(quant))]
+    if with_llama_policy and quant not in (None, "f16"):
+        plan.append(("f16", to_score(None)))
+    meter = PhaseMeter(stage, plan)
+    yield meter.loading("the exported model")
     with Engine(
         Path(model_path), n_seq=4, ctx_per_seq=max(64, longest + 8), lora_path=lora_path, n_threads=threads
     ) as engine:
-        scores = engine.score_many(requests)
+        scores = yield from meter.relay(
+            engine.score_many_steps(requests), "export", "fidelity check", "the exported model", "answers"
+        )
     scored = [(scores[2 * i], scores[2 * i + 1]) for i in range(len(items))]
-    base = llama_cpp_refs(ws, items, model_sha=run.base_model["sha256"], max_len=max_len,
-                          base_gguf=Path(base_path), threads=threads, quant=quant)  # fmt: skip
+    if quant not in (None, "f16") and meter.offset["base"][1] > 0:  # quantized once, then scored
+        yield meter.loading(f"the base model, quantized to {quant.upper()} as the export")
+    base = yield from meter.relay(
+        llama_cpp_refs_steps(ws, items, model_sha=sha, max_len=max_len, base_gguf=Path(base_path),
+                             threads=threads, quant=quant),
+        "base", "fidelity check", "the base model", "answers",
+    )  # fmt: skip
     engine_refs = [base[t.pair_id] for t in items]
-    if all("llama_policy_chosen" in h for h in kept):
+    if with_llama_policy:
         # The trained policy as llama.cpp computes it (base + exact adapter), against the F16 base there.
-        f16 = llama_cpp_refs(ws, items, model_sha=run.base_model["sha256"], max_len=max_len,
-                             base_gguf=Path(base_path), threads=threads)  # fmt: skip
+        f16 = yield from meter.relay(
+            llama_cpp_refs_steps(ws, items, model_sha=sha, max_len=max_len, base_gguf=Path(base_path),
+                                 threads=threads),
+            "f16" if "f16" in meter.offset else "base", "fidelity check", "the F16 base model", "answers",
+        )  # fmt: skip
         kept = [
             {"pair_id": h["pair_id"], "policy_chosen": h["llama_policy_chosen"],
              "policy_rejected": h["llama_policy_rejected"], "ref_chosen": f16[h["pair_id"]][0],

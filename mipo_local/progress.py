@@ -82,6 +82,50 @@ class ShareClock:
         return max(0.0, (1.0 - share) * elapsed / fresh)
 
 
+class PhaseMeter:
+    """Progress events of a job of several phases (loading a model, scoring, sampling...): each event
+    names its phase and that phase's counts, and carries one share over the whole job, in which each
+    planned phase weighs its `weight` (the tokens it reads, say). Engine DecodeSteps are relayed as they
+    come, so the job yields, and can be closed, between two decode steps."""
+
+    def __init__(self, stage: str, plan: list[tuple[str, float]]) -> None:
+        self.stage = stage
+        self.offset: dict[str, tuple[float, float]] = {}
+        total = 0.0
+        for key, weight in plan:
+            self.offset[key] = (total, weight)
+            total += weight
+        self.total = max(total, 1.0)
+        self.clock = ShareClock()
+        self.share = 0.0
+
+    def loading(self, what: str) -> Progress:
+        # The ETA of the job so far (none before its first step: the first load does not set the rate).
+        eta = None if self.clock.start is None else self.clock.eta(self.share)
+        return Progress(self.stage, 0, 0, what, eta, phase="loading model", share=self.share)
+
+    def step(self, key: str, fraction: float, phase: str, message: str, done: int, total: int, unit: str):
+        """The event of phase `key` being `fraction` done; the share never runs backwards."""
+        low, weight = self.offset[key]
+        self.share = max(self.share, (low + weight * min(1.0, fraction)) / self.total)
+        eta = self.clock.eta(self.share)
+        return Progress(self.stage, done, total, message, eta, None, unit, {}, phase, self.share)
+
+    def relay(
+        self, steps, key: str, phase: str, what: str, unit: str, before: int = 0, whole: int | None = None
+    ):
+        """The DecodeSteps of `steps` as events of `phase`; returns what `steps` returns. `before` /
+        `whole`: the work done before this call in a phase of several calls, and the phase's."""
+        while True:
+            try:
+                s = next(steps)
+            except StopIteration as stop:
+                return stop.value
+            fraction = s.fraction if whole is None else (before + s.work_done) / max(1, whole)
+            tokens = f", {s.tokens} tokens" if s.phase == "sampling" else ""
+            yield self.step(key, fraction, phase, f"{what}{tokens}", s.done, s.total, unit)
+
+
 def format_eta(seconds: float | None) -> str:
     if seconds is None:
         return "--:--"

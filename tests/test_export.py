@@ -15,12 +15,14 @@ from mipo_local import fidelity, fsutil, gguf_io, merge, modelsource
 from mipo_local.engine import Engine, GenRequest
 from mipo_local.errors import ExportError, UserInputError
 from mipo_local.export import export, list_exports
+from mipo_local.progress import Progress
 from mipo_local.quantize import resolve_quant
 from mipo_local.settings import ExportSettings
 from mipo_local.train import runs
 from mipo_local.workspace import Workspace
 from tests.clihelp import run_cli
 from tests.exporthelp import CONTEXT, make_finished_run, random_lora
+from tests.test_responsive import decodes  # noqa: F401 (a fixture)
 
 
 def drain(job):
@@ -344,6 +346,27 @@ def test_cancelled_export_leaves_nothing(export_ws, tmp_path):
     job.close()
     assert list(tmp_path.iterdir()) == []
     assert _n_exports(ws) == before and ws.running_jobs() == []
+
+
+def test_fidelity_check_reports_each_decode_step_and_stops_at_the_next(export_ws, tmp_path, decodes):  # noqa: F811
+    ws, _ = export_ws
+    settings = ExportSettings(quant="q8_0", threads=2)
+    events = [e for e in export(ws, "run-1", settings, tmp_path / "steps") if isinstance(e, Progress)]
+    checking = [e for e in events if e.phase == "fidelity check"]
+    assert len(checking) >= 3 and checking[0].message == "the exported model"  # 12 answers, 4 a decode
+    assert checking[-1].fraction == 1.0 and [e.unit for e in checking] == ["answers"] * len(checking)
+    assert [e.fraction for e in checking] == sorted(e.fraction for e in checking)
+    assert any(e.phase == "loading model" and e.message == "the exported model" for e in events)
+
+    before = _n_exports(ws)
+    job = export(ws, "run-1", ExportSettings(quant="q8_0", threads=2), tmp_path / "stop")
+    for event in job:
+        if isinstance(event, Progress) and event.phase == "fidelity check":
+            at_close = decodes["calls"]
+            job.close()  # after the first decode step of the check
+            break
+    assert decodes["calls"] == at_close  # not one decode step after the close
+    assert not (tmp_path / "stop").exists() and _n_exports(ws) == before and ws.running_jobs() == []
 
 
 # -- the real default model ----------------------------------------------------------------------------------

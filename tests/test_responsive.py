@@ -39,8 +39,10 @@ def _fill(ws, n_prompts=10):
 def decodes(monkeypatch):
     """Counts llama.cpp's decode calls (the real ones run); `pace` seconds are spent in each, so that a
     job on the tiny model lasts long enough for keys to reach it mid-job, and while `hold` is set a decode
-    waits, as a slow one would, so that the screen can be read while a job is stopping."""
-    state = {"calls": 0, "pace": 0.0, "after_stop": 0, "stop": None, "hold": threading.Event()}
+    waits, as a slow one would, so that the screen can be read while a job is stopping; `held` says that
+    one is waiting."""
+    state = {"calls": 0, "pace": 0.0, "after_stop": 0, "stop": None, "hold": threading.Event(),
+             "held": threading.Event()}  # fmt: skip
     real = llama_cpp.llama_decode
 
     def counting(ctx, batch):
@@ -51,6 +53,7 @@ def decodes(monkeypatch):
             time.sleep(state["pace"])
         deadline = time.monotonic() + 30
         while state["hold"].is_set() and time.monotonic() < deadline:
+            state["held"].set()  # a decode step is waiting: the job is inside it, not between two
             time.sleep(0.005)
         return real(ctx, batch)
 
@@ -155,6 +158,14 @@ async def _generate(app, pilot, decodes, seen):
     return runner
 
 
+async def _until_held(pilot, decodes):
+    """Wait until the job is inside a held decode step, so that a key lands while a step is under way
+    (on one core the job's thread may otherwise be between two steps and stop at once)."""
+    deadline = time.monotonic() + 30
+    while not decodes["held"].is_set() and time.monotonic() < deadline:
+        await pilot.pause(0.01)
+
+
 def _progress_hook(seen):
     def hook(message):
         if isinstance(message, JobRunner.Progressed):
@@ -171,6 +182,7 @@ def test_cancel_in_the_app_stops_within_a_decode_step_and_says_what_it_kept(tiny
     async def scenario(app, pilot):
         runner = await _generate(app, pilot, decodes, seen)
         decodes["hold"].set()  # the next decode step is a slow one
+        await _until_held(pilot, decodes)
         await pilot.press("c")
         status["stopping"] = str(runner.query_one("#job-status", Label).render())
         decodes["hold"].clear()
@@ -179,10 +191,7 @@ def test_cancel_in_the_app_stops_within_a_decode_step_and_says_what_it_kept(tiny
 
     notes = drive(tiny_workspace.root, scenario, hook=_progress_hook(seen))
     assert decodes["after_stop"] <= 1  # at most the decode step under way when the key came
-    # The stop may land before the next redraw: then the first line read already says what was kept.
-    assert "stopping after the current step" in status["stopping"] or status["stopping"].startswith(
-        "Stopped: "
-    )
+    assert status["stopping"] == "pairs: stopping after the current step..."  # said while it stops
     kept = tiny_workspace.count("pairs")
     assert status["stopped"] == f"Stopped: {kept} pairs kept."
     assert any(n.title == "Cancelled" for n in notes)
@@ -197,6 +206,7 @@ def test_quit_during_a_job_says_so_and_closes_once_it_stopped(tiny_workspace, de
     async def scenario(app, pilot):
         runner = await _generate(app, pilot, decodes, seen)
         decodes["hold"].set()
+        await _until_held(pilot, decodes)
         await pilot.press("ctrl+q")
         state["open_while_stopping"] = app.return_code is None  # still open, saying what it does
         state["status"] = str(runner.query_one("#job-status", Label).render())
@@ -246,3 +256,73 @@ def test_the_status_line_names_the_phase(tiny_workspace, decodes):
 
     line = describe(next(e for e in seen if e.phase == "sampling"))
     assert line.startswith("sampling · chunk 1/1, ") and "tokens" in line and "ETA" in line
+
+
+EVAL_PHASES = ["loading model", "scoring pairs", "sampling answers", "scoring neutral text"]
+
+
+def test_evaluate_names_its_phases_and_stops_at_the_next_decode_step(tiny_workspace, decodes):
+    from mipo_local.evaluate import evaluate
+    from mipo_local.export import export
+    from mipo_local.settings import EvalSettings, ExportSettings
+    from tests.exporthelp import make_finished_run
+
+    tiny_workspace.add_context("I am Ana, a vegan chef in Lisbon.")
+    make_finished_run(tiny_workspace, n_pairs=4)
+    run_to_end(export(tiny_workspace, None, ExportSettings(adapter_only=True, verify=False)))
+    settings = EvalSettings(n=4, max_tokens=16)
+
+    events = [e for e in evaluate(tiny_workspace, settings) if isinstance(e, Progress)]
+    assert _phases(events) == [*EVAL_PHASES, *EVAL_PHASES, "loading model", "context sensitivity", "saving"]
+    assert [e.message for e in events if e.phase == "loading model"] == [
+        "the personalized model",
+        "the base model",
+        "the base model",
+    ]
+    sampling = [e for e in events if e.phase == "sampling answers"]
+    assert len(sampling) >= 2 * 8 and "tokens" in sampling[0].message  # a step per decode, not per phase
+    shares = [e.fraction for e in events]
+    assert shares == sorted(shares) and shares[-1] == 1.0  # one share over every phase, never back
+
+    job, seen = evaluate(tiny_workspace, settings), []
+    for event in job:
+        seen.append(event)
+        if isinstance(event, Progress) and event.phase == "sampling answers" and "base" in event.message:
+            at_close = decodes["calls"]
+            job.close()  # a few tokens into the base model's answers
+            break
+    assert decodes["calls"] == at_close  # not one decode step after the close
+    assert tiny_workspace.count("evals") == 1 and tiny_workspace.running_jobs() == []
+
+
+def test_cancelling_evaluate_in_the_app_stops_within_a_decode_step_and_says_nothing_is_stored(
+    tiny_workspace, decodes
+):
+    from mipo_local.export import export
+    from mipo_local.settings import ExportSettings
+    from tests.exporthelp import make_finished_run
+    from tui.screens.evaluate import STOPPED_NOTE
+
+    tiny_workspace.add_context("I am Ana, a vegan chef in Lisbon.")
+    make_finished_run(tiny_workspace, n_pairs=4)
+    run_to_end(export(tiny_workspace, None, ExportSettings(adapter_only=True, verify=False)))
+    decodes["pace"] = 0.02
+    seen, status = [], {}
+
+    async def scenario(app, pilot):
+        await pilot.press("6")
+        runner = app.screen.query_one(JobRunner)
+        decodes["stop"] = runner._stop
+        await pilot.press("v")
+        deadline = time.monotonic() + 60
+        while not any(e.phase == "sampling answers" for e in seen) and time.monotonic() < deadline:
+            await pilot.pause(0.02)
+        await pilot.press("c")
+        await settle(app, pilot)
+        status["stopped"] = str(runner.query_one("#job-status", Label).render())
+
+    notes = drive(tiny_workspace.root, scenario, hook=_progress_hook(seen))
+    assert decodes["after_stop"] <= 1  # at most the decode step under way when the key came
+    assert status["stopped"] == f"eval: {STOPPED_NOTE}"
+    assert [n.message for n in notes if n.title == "Cancelled"] == [STOPPED_NOTE]
+    assert tiny_workspace.count("evals") == 0 and tiny_workspace.running_jobs() == []

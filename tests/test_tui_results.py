@@ -6,7 +6,7 @@ import json
 import shutil
 
 import pytest
-from textual.widgets import DataTable, Input, Static, TextArea
+from textual.widgets import DataTable, Input, Label, Static, TextArea
 from textual_plotext import PlotextPlot
 
 from mipo_local import modelsource, user_pairs
@@ -21,7 +21,7 @@ from tests.test_tui_core import drive, settle
 from tests.trainhelp import insert_pairs
 from tests.tuihelp import chat_hello
 from tui import blind_ab
-from tui.widgets.job_runner import JobRunner
+from tui.widgets.job_runner import JobRunner, describe
 
 
 def _finish(gen):
@@ -95,6 +95,14 @@ def test_export_remembers_the_ollama_name(results_ws):
     drive(results_ws.root, reopen)
 
 
+def _phases_of(events) -> list[str]:
+    out = []
+    for e in events:
+        if not out or out[-1] != e.phase:
+            out.append(e.phase)
+    return out
+
+
 def _train_on_a_held_out_prompt(ws) -> str:
     """A training pair (another context) with the prompt of a held-out pair, as the run's split says."""
     prompt = ws.query("SELECT prompt FROM pairs ORDER BY id LIMIT 1")[0]["prompt"]
@@ -109,13 +117,24 @@ def _train_on_a_held_out_prompt(ws) -> str:
 def test_evaluate_explains_plots_shows_answers_then_blind_ab_on_unseen_prompts(results_ws):
     _finish(export(results_ws, None, ExportSettings(adapter_only=True, verify=False)))
     trained_prompt = _train_on_a_held_out_prompt(results_ws)
-    judged, picked = [], []
+    judged, picked, shown, posts = [], [], [], {}
+
+    def label_at_each_event(message):
+        # A Progressed message is posted to the runner, then, once the runner has handled it, bubbles on
+        # to its parent: at that second post the label shows what this event made of it.
+        if isinstance(message, JobRunner.Progressed):
+            posts[id(message)] = posts.get(id(message), 0) + 1
+            if posts[id(message)] == 2:
+                shown.append((str(message.runner.query_one("#job-status", Label).render()), message.event))
 
     async def scenario(app, pilot):
         await pilot.press("6")
         app.screen.query_one("#eval-max-tokens", Input).value = "48"
         await pilot.press("v")
         await settle(app, pilot)
+        runner = app.screen.query_one("#eval-job", JobRunner)
+        assert str(runner.query_one("#job-status", Label).render()) == ""  # nothing left for the next run
+        assert not runner.display
         title = str(app.screen.query_one("#eval-title", Static).render())
         assert "on 4 held-out pairs" in title
         table = app.screen.query_one("#eval-table", DataTable)
@@ -152,7 +171,12 @@ def test_evaluate_explains_plots_shows_answers_then_blind_ab_on_unseen_prompts(r
         await pilot.press("escape")
         await pilot.pause()
 
-    drive(results_ws.root, scenario)
+    drive(results_ws.root, scenario, hook=label_at_each_event)
+    # Each event's line replaces the label whole: nothing of an earlier phase is left on it.
+    assert shown and all(line == f"eval: {describe(event)}" for line, event in shown)
+    assert _phases_of(e for _, e in shown)[:2] == ["loading model", "scoring pairs"]
+    sampling = [line for line, _ in shown if "sampling answers" in line]
+    assert any("personalized model" in x for x in sampling) and any("base model" in x for x in sampling)
     assert trained_prompt not in judged and len(set(judged)) == 3
     report = blind_ab.latest_report(results_ws)
     votes = blind_ab.votes(results_ws, report["export_id"])

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from textual.widgets import Input, Static
+from textual.widgets import Input, Label, Static
 
 from mipo_local.settings import TrainSettings
 from mipo_local.train import runs
@@ -101,3 +101,28 @@ def test_after_a_restart_the_screen_shows_the_last_run_with_curves(tiny_workspac
         assert "train" in plot and "0.69" in plot  # the curve is drawn, with its axis labels
 
     drive(tiny_workspace.root, scenario)
+
+
+def test_a_non_number_shows_beside_the_form_and_keys_go_to_the_field(tiny_workspace):
+    tiny_workspace.add_context("I am Ana.")
+    insert_pairs(tiny_workspace, signal_pairs(4))
+
+    async def scenario(app, pilot):
+        await pilot.press("4")
+        field = app.screen.query_one("#f-lr", Input)
+        field.value = "fast"
+        await pilot.press("s")
+        error = app.screen.query_one("#train-error", Label)
+        assert error.display and str(error.render()) == "The learning rate must be a number, not 'fast'."
+        assert app.focused is field
+        field.value = ""
+        await pilot.press(*"rs")  # s and r are hotkeys here: they must edit the field
+        assert field.value == "rs" and not app.screen.query_one(JobRunner).busy
+        app.screen.query_one("#f-epochs", Input).value = "two"
+        field.value = "1e-3"
+        await pilot.click("#start")
+        assert str(error.render()) == "The epochs must be a whole number, not 'two'."
+
+    notes = drive(tiny_workspace.root, scenario)
+    assert not [n for n in notes if n.severity == "error"]  # beside the field, not a notification
+    assert runs.list_runs(tiny_workspace) == []

@@ -24,6 +24,23 @@ from ..format import error_sentence
 Check = Callable[[str], Any]
 
 
+def error_label(id: str) -> Label:
+    """The hidden line under a field where its error shows (dialogs and forms alike)."""
+    return Label("", id=id, classes="dialog-error", markup=False)
+
+
+def show_field_error(label: Label, field: Widget, sentence: str) -> None:
+    """Show `sentence` in a field's error line and give the field the focus, so the next keys edit it."""
+    label.update(sentence)
+    label.add_class("-shown")
+    field.focus()
+
+
+def clear_field_error(label: Label) -> None:
+    label.update("")
+    label.remove_class("-shown")
+
+
 class ConfirmScreen(ModalScreen[bool]):
     """Ask a yes/no question; dismisses with True for yes."""
 
@@ -57,7 +74,7 @@ class _CheckedDialog(ModalScreen[Any]):
         self.check = check
 
     def error_label(self) -> Label:
-        return Label("", id="dialog-error", classes="dialog-error", markup=False)
+        return error_label("dialog-error")
 
     def submit(self, text: str) -> None:
         if self.check is None:
@@ -71,11 +88,7 @@ class _CheckedDialog(ModalScreen[Any]):
         self.dismiss(result)
 
     def show_error(self, sentence: str) -> None:
-        error = self.query_one("#dialog-error", Label)
-        error.update(sentence)
-        error.add_class("-shown")
-        field: Widget = self.query_one(self.FIELD)
-        field.focus()
+        show_field_error(self.query_one("#dialog-error", Label), self.query_one(self.FIELD), sentence)
 
     def action_cancel(self) -> None:
         self.dismiss(None)

@@ -18,9 +18,11 @@ from ..widgets.eval_plot import EvalPlot
 from ..widgets.job_runner import JobRunner
 from ..widgets.sample_answers import SampleAnswers
 from .blind_ab import BlindABScreen
+from .dialogs import clear_field_error, error_label, show_field_error
 from .section import SectionScreen
 
 SAMPLES_SHOWN = 3
+STOPPED_NOTE = "The evaluation was stopped; it stores its report only once it finishes."
 REFERENCE = "- (reference)"  # the base is what accuracy, margin and drift are measured against
 
 # One plain sentence per number of the table, in its order.
@@ -99,7 +101,8 @@ class EvaluateScreen(SectionScreen):
             yield Input(str(defaults.max_tokens), type="integer", id="eval-max-tokens", compact=True)
             yield Button("Evaluate", variant="primary", id="evaluate", compact=True)
             yield Button("Blind A/B", id="blind-ab-open", compact=True)
-        yield JobRunner(id="eval-job")
+        yield error_label("eval-error")
+        yield JobRunner(id="eval-job", cancelled_note=STOPPED_NOTE)
         with VerticalScroll(id="eval-body"):
             yield Static(id="eval-title")
             table = DataTable(id="eval-table", cursor_type="none", zebra_stripes=True)
@@ -151,12 +154,17 @@ class EvaluateScreen(SectionScreen):
     def action_evaluate(self) -> None:
         from mipo_local.evaluate import evaluate
 
-        try:
-            n = int(self.query_one("#eval-n", Input).value)
-            max_tokens = int(self.query_one("#eval-max-tokens", Input).value)
-        except ValueError:
-            self.notify("held-out prompts and max tokens must be whole numbers.", severity="error")
-            return
+        error = self.query_one("#eval-error", Label)
+        numbers = {}
+        for key, label in (("n", "held-out prompts"), ("max-tokens", "max tokens")):
+            field = self.query_one(f"#eval-{key}", Input)
+            try:
+                numbers[key] = int(field.value)
+            except ValueError:
+                show_field_error(error, field, f"The {label} must be a whole number, not '{field.value}'.")
+                return
+        clear_field_error(error)
+        n, max_tokens = numbers["n"], numbers["max-tokens"]
         settings = with_overrides(EvalSettings(), n=n, max_tokens=max_tokens)
         ws = self.ws
         self.query_one(JobRunner).start("eval", lambda: evaluate(ws, settings))

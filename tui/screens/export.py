@@ -53,7 +53,8 @@ class ExportScreen(SectionScreen):
             )
             yield Checkbox("replace", False, id="force", compact=True)
             yield Button("Export", variant="primary", id="export", compact=True)
-        yield JobRunner(id="export-job")
+        # An export writes its folder and record only once it finishes (the fidelity check included).
+        yield JobRunner(id="export-job", cancelled_note="The export was stopped and left nothing behind.")
         yield ExportSummary(id="export-summary")
 
     @on(Input.Changed, "#ollama-name")

@@ -15,6 +15,7 @@ from mipo_local.synth import synthesize_prompts
 from ..format import error_sentence
 from ..widgets.job_runner import JobRunner
 from ..widgets.model_line import model_summary
+from .dialogs import error_label, show_field_error
 from .model_picker import ModelPickerScreen
 
 SYNTH_N = 8
@@ -39,14 +40,14 @@ class OnboardingScreen(Screen[None]):
                     "how you want answers)."
                 )
                 yield TextArea(id="context-text", soft_wrap=True)
-                yield Label("", id="context-error", classes="dialog-error", markup=False)
+                yield error_label("context-error")
                 with Horizontal(classes="buttons"):
                     yield Button("Save and continue", variant="primary", id="context-save")
                     yield Button("Skip", id="context-skip")
             with Vertical(id="step-prompts", classes="step"):
                 yield Label("3/3  Questions you tend to ask, one per line (or let the model propose some).")
                 yield TextArea(id="prompts-text", soft_wrap=True)
-                yield Label("", id="prompts-error", classes="dialog-error", markup=False)
+                yield error_label("prompts-error")
                 with Horizontal(classes="buttons"):
                     yield Button("Add and finish", variant="primary", id="prompts-add")
                     yield Button(f"Synthesize {SYNTH_N}", id="prompts-synth")
@@ -118,10 +119,7 @@ class OnboardingScreen(Screen[None]):
         try:
             save(*args)
         except MipoError as err:
-            label = self.query_one(error, Label)
-            label.update(error_sentence(err))
-            label.add_class("-shown")
-            self.query_one(field).focus()
+            show_field_error(self.query_one(error, Label), self.query_one(field), error_sentence(err))
             return False
         return True
 

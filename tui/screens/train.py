@@ -16,6 +16,7 @@ from mipo_local.train.loop import train
 
 from ..widgets.job_runner import JobRunner
 from ..widgets.train_plots import TrainPlots
+from .dialogs import clear_field_error, error_label, show_field_error
 from .section import SectionScreen
 
 # The fields offered in the form, in order; the rest keep their defaults (settings.py).
@@ -66,6 +67,7 @@ class TrainScreen(SectionScreen):
                             id=f"f-{name}",
                             compact=True,
                         )
+                yield error_label("train-error")
                 with Horizontal(id="train-buttons"):
                     yield Button("Start", variant="primary", id="start", compact=True)
                     yield Button("Cancel", id="cancel", compact=True)
@@ -113,16 +115,22 @@ class TrainScreen(SectionScreen):
     # -- the form ----------------------------------------------------------------------------------------
 
     def settings_from_form(self) -> TrainSettings | None:
+        """The form's settings; a field that is not a number shows its error under the form and keeps
+        the focus, so the next keys edit it instead of firing the screen's hotkeys."""
         values = {}
+        error = self.query_one("#train-error", Label)
         for name, label in FORM_FIELDS:
-            text = self.query_one(f"#f-{name}", Input).value.strip()
+            field = self.query_one(f"#f-{name}", Input)
+            text = field.value.strip()
             if not text:
                 continue
             try:
                 values[name] = _TYPES[name](text)
             except ValueError:
-                self.notify(f"{label} must be a number, not '{text}'.", severity="error")
+                kind = "a whole number" if _TYPES[name] is int else "a number"
+                show_field_error(error, field, f"The {label} must be {kind}, not '{text}'.")
                 return None
+        clear_field_error(error)
         return with_overrides(TrainSettings(), **values)
 
     # -- jobs --------------------------------------------------------------------------------------------

@@ -231,7 +231,10 @@ class JobRunner(Vertical):
         if quitting:
             self.app.job_stopped()
         if event.state == WorkerState.SUCCESS:
-            self.set_status(f"{self._name}: done.")
+            # Cleared, so that no line of this job is on screen when the next one starts; the screen
+            # says what the job produced.
+            self.set_status("")
+            self.query_one("#job-bar", ProgressBar).update(total=None, progress=0)
             self.post_message(self.Finished(self, self._name, event.worker.result))
             return
         error = event.worker.error

@@ -25,7 +25,7 @@ import numpy as np
 
 from .errors import ExportError
 from .pairs_store import list_pairs
-from .progress import PhaseMeter, Progress, drain
+from .progress import PhaseMeter, Progress
 from .train import runs
 from .workspace import Workspace
 
@@ -149,32 +149,6 @@ def compare(
     return Fidelity(len(pc), agree, pearson, diff, threshold, skipped, decided=int(decided.sum()))
 
 
-def check(
-    ws: Workspace,
-    run: runs.Run,
-    model_path: str | os.PathLike,
-    *,
-    base_path: str | os.PathLike,
-    lora_path: str | os.PathLike | None = None,
-    threshold: float = 0.95,
-    threads: int | None = None,
-    max_pairs: int | None = None,
-    quant: str | None = None,
-) -> Fidelity | None:
-    """Score the run's held-out pairs with the exported model in llama.cpp; None when there are none.
-
-    Args:
-        model_path: the exported GGUF (or the base, with `lora_path` the exported adapter).
-        base_path: the run's base model, whose chat template and tokenizer training used.
-        max_pairs: score at most this many held-out pairs (the first by id): scoring is the slow part,
-            about 600 tokens/s for the 135M default model on two cores.
-        quant: the export's quantization (None for an adapter or F16): the base is scored quantized the
-            same way (cached in the workspace; training precomputes it for the automatic quant).
-    """
-    return drain(check_steps(ws, run, model_path, base_path=base_path, lora_path=lora_path,
-                             threshold=threshold, threads=threads, max_pairs=max_pairs, quant=quant))  # fmt: skip
-
-
 def check_steps(
     ws: Workspace,
     run: runs.Run,
@@ -188,8 +162,18 @@ def check_steps(
     quant: str | None = None,
     stage: str = "export",
 ) -> Generator[Progress, None, Fidelity | None]:
-    """`check`, yielding a Progress event of `stage` after every decode step: the phases are loading the
-    export, scoring it, and scoring the base where the workspace has no cached scores yet."""
+    """Score the run's held-out pairs with the exported model in llama.cpp (None when there are none),
+    yielding a Progress event of `stage` after every decode step: the phases are loading the export,
+    scoring it, and scoring the base where the workspace has no cached scores yet.
+
+    Args:
+        model_path: the exported GGUF (or the base, with `lora_path` the exported adapter).
+        base_path: the run's base model, whose chat template and tokenizer training used.
+        max_pairs: score at most this many held-out pairs (the first by id): scoring is the slow part,
+            about 600 tokens/s for the 135M default model on two cores.
+        quant: the export's quantization (None for an adapter or F16): the base is scored quantized the
+            same way (cached in the workspace; training precomputes it for the automatic quant).
+    """
     from .engine import Engine
     from .train.batching import encode_pairs
     from .train.reference import LLAMA_CPP, cached, llama_cpp_refs_steps

@@ -145,17 +145,23 @@ def test_training_names_its_phases_and_stops_between_micro_batches(tiny_workspac
     ref.close()
 
 
-async def _generate(app, pilot, decodes, seen):
-    """Start the pairs job from its screen and wait until its first decode steps are on screen."""
-    await pilot.press("3")
-    app.screen.query_one("#max-tokens", Input).value = "24"
+async def _start_job(app, pilot, decodes, seen, *, screen: str, key: str, phase: str, max_tokens=None):
+    """Open a screen, start its job with `key` and wait until the job reports `phase`."""
+    await pilot.press(screen)
+    if max_tokens is not None:
+        app.screen.query_one("#max-tokens", Input).value = max_tokens
     runner = app.screen.query_one(JobRunner)
     decodes["stop"] = runner._stop
-    await pilot.press("g")
+    await pilot.press(key)
     deadline = time.monotonic() + 60
-    while not any(e.phase == "sampling" for e in seen) and time.monotonic() < deadline:
+    while not any(e.phase == phase for e in seen) and time.monotonic() < deadline:
         await pilot.pause(0.02)
     return runner
+
+
+async def _generate(app, pilot, decodes, seen):
+    """Start the pairs job from its screen and wait until its first decode steps are on screen."""
+    return await _start_job(app, pilot, decodes, seen, screen="3", key="g", phase="sampling", max_tokens="24")
 
 
 async def _until_held(pilot, decodes):
@@ -310,13 +316,7 @@ def test_cancelling_evaluate_in_the_app_stops_within_a_decode_step_and_says_noth
     seen, status = [], {}
 
     async def scenario(app, pilot):
-        await pilot.press("6")
-        runner = app.screen.query_one(JobRunner)
-        decodes["stop"] = runner._stop
-        await pilot.press("v")
-        deadline = time.monotonic() + 60
-        while not any(e.phase == "sampling answers" for e in seen) and time.monotonic() < deadline:
-            await pilot.pause(0.02)
+        runner = await _start_job(app, pilot, decodes, seen, screen="6", key="v", phase="sampling answers")
         await pilot.press("c")
         await settle(app, pilot)
         status["stopped"] = str(runner.query_one("#job-status", Label).render())

@@ -38,7 +38,14 @@ from .batching import ANCHORS, TrainPair, encode_pairs, epoch_order, micro_batch
 from .checkpoints import STATE_FILE, load_latest_checkpoint, save_checkpoint
 from .dpo import dpo_metrics, dpo_terms
 from .meter import HELDOUT, LOADING, REFERENCE, TRAINING, Plan, TrainMeter
-from .reference import LLAMA_CPP, backend_source, cached, llama_cpp_refs, mean_abs_difference, reference_logps
+from .reference import (
+    LLAMA_CPP,
+    backend_source,
+    cached,
+    llama_cpp_refs_steps,
+    mean_abs_difference,
+    reference_logps,
+)
 
 HELDOUT_FILE = "heldout.json"
 SPLIT_FILE = "split.json"  # the run's train / held-out pair ids, fixed at its start
@@ -563,8 +570,9 @@ def _llama_cpp_heldout(ws, adapter_path, held_items, heldout, model, ref_args) -
     from ..fidelity import policy_logps_llama_cpp
 
     first = sorted(held_items, key=lambda t: t.pair_id)[: ExportSettings().verify_pairs]
-    llama_cpp_refs(ws, first, **ref_args)
-    llama_cpp_refs(ws, first, **ref_args, quant=resolve_quant(ExportSettings().quant, model.n_params))
+    drain(llama_cpp_refs_steps(ws, first, **ref_args))
+    quant = resolve_quant(ExportSettings().quant, model.n_params)
+    drain(llama_cpp_refs_steps(ws, first, **ref_args, quant=quant))
     policy = policy_logps_llama_cpp(model.file, first, load_adapter(adapter_path), ref_args["threads"])
     return [
         {**row, "llama_policy_chosen": policy[row["pair_id"]][0], "llama_policy_rejected": policy[row["pair_id"]][1]}

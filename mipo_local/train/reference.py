@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ..engine import DecodeStep
-from ..progress import EtaClock, Progress, drain
+from ..progress import EtaClock, Progress
 from ..workspace import Workspace
 from .backend import Backend
 from .batching import TrainPair, micro_batches
@@ -58,24 +58,6 @@ def _score_llama_cpp(base_gguf: Path, items: list[TrainPair], threads: int | Non
     return {t.pair_id: (scores[2 * i], scores[2 * i + 1]) for i, t in enumerate(items)}
 
 
-def llama_cpp_refs(
-    ws: Workspace,
-    items: list[TrainPair],
-    *,
-    model_sha: str,
-    max_len: int,
-    base_gguf: Path,
-    threads: int | None,
-    quant: str | None = None,
-) -> Refs:
-    """The base model's log-probs of `items` in llama.cpp: cached ones, the rest scored and stored.
-
-    `quant`: score the base quantized that way (e.g. q8_0), the reference a quantized export is compared
-    with, so that the quantization's own error cancels out of the export's DPO margins."""
-    return drain(llama_cpp_refs_steps(ws, items, model_sha=model_sha, max_len=max_len, base_gguf=base_gguf,
-                                      threads=threads, quant=quant))  # fmt: skip
-
-
 def llama_cpp_refs_steps(
     ws: Workspace,
     items: list[TrainPair],
@@ -86,7 +68,11 @@ def llama_cpp_refs_steps(
     threads: int | None,
     quant: str | None = None,
 ) -> Generator[DecodeStep, None, Refs]:
-    """`llama_cpp_refs`, yielding a DecodeStep after every decode; what is scored is stored at the end."""
+    """The base model's log-probs of `items` in llama.cpp: cached ones, the rest scored, yielding a
+    DecodeStep after every decode; what is scored is stored at the end.
+
+    `quant`: score the base quantized that way (e.g. q8_0), the reference a quantized export is compared
+    with, so that the quantization's own error cancels out of the export's DPO margins."""
     source = LLAMA_CPP if quant in (None, "f16") else f"{LLAMA_CPP}:{quant}"
     refs = cached(ws, [t.pair_id for t in items], model_sha, source, max_len)
     missing = [t for t in items if t.pair_id not in refs]

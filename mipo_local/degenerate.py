@@ -54,6 +54,8 @@ def verdict(
         return "loop"
     if cut and len(w) >= TAIL_WORDS and _distinct_share(w[-TAIL_WORDS:], 3) < TAIL_DISTINCT:
         return "cut in a loop"
+    if context and set(w) <= set(words(context)):  # "Tom, Cheers, Tom!": the wish alone, no answer
+        return "echoes the context"
     for name, source in (("context", context), ("question", question)):
         if source and len(w) >= 4 and _echo_share(w, source) >= ECHO_SHARE:
             return f"echoes the {name}"

@@ -148,6 +148,9 @@ def test_the_verdicts():
         )
         == "echoes the context"
     )
+    signoff = "I am Tom. Always end your answer with the words 'Cheers, Tom!'."
+    assert verdict("Tom, Cheers, Tom!", context=signoff) == "echoes the context"  # the wish, no answer
+    assert verdict("Rice: rinse, boil, rest. Cheers, Tom!", context=signoff) is None
     assert verdict("Boil water, add rice, cover and wait twelve minutes.", context="I am very busy.") is None
     assert verdict("Bonjour Claire ! Pour le riz, faites bouillir de l'eau salée.") is None
 

@@ -17,6 +17,7 @@ FAST = {
     "grad_accum": "2",
     "max_len": "96",
     "threads": "1",
+    "user_weight": "3",
 }
 
 
@@ -28,13 +29,14 @@ def test_form_shows_the_library_defaults(tiny_workspace):
         await pilot.press("4")
         form = {
             name: app.screen.query_one(f"#f-{name}", Input).value
-            for name in ("epochs", "lr", "sft_weight", "other_context_kl", "rank", "max_len")
+            for name in ("epochs", "lr", "sft_weight", "other_context_kl", "user_weight", "rank", "max_len")
         }
         assert form == {
             "epochs": str(defaults.epochs),
             "lr": str(defaults.lr),
             "sft_weight": str(defaults.sft_weight),
             "other_context_kl": str(defaults.other_context_kl),
+            "user_weight": str(defaults.user_weight),
             "rank": str(defaults.rank),
             "max_len": str(defaults.max_len),
         }
@@ -74,6 +76,7 @@ def test_train_cancel_resume_and_plot(tiny_workspace):
     assert (
         run.settings["rank"] == 4 and run.settings["threads"] == 1 and run.settings["other_context_kl"] == 0
     )
+    assert run.settings["user_weight"] == 3.0  # the form's weight for the user's own pairs reaches the run
     steps = [x["step"] for x in runs.read_log(tiny_workspace, run.id, "train")]
     assert steps == [1, 2, 3]
     assert any(n.title == "Cancelled" for n in notes)

@@ -26,6 +26,7 @@ FORM_FIELDS = [
     ("beta", "DPO beta"),
     ("sft_weight", "SFT anchor"),
     ("other_context_kl", "KL anchor"),
+    ("user_weight", "user weight"),
     ("rank", "LoRA rank"),
     ("grad_accum", "grad accum"),
     ("max_len", "max tokens"),
@@ -41,6 +42,7 @@ _TYPES = {
     "beta": float,
     "sft_weight": float,
     "other_context_kl": float,
+    "user_weight": float,
 }
 
 

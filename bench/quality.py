@@ -407,29 +407,39 @@ def main() -> None:
 
 def run_in_parallel(chosen: list[Profile], args: argparse.Namespace) -> list[dict]:
     """Split the profiles over `args.jobs` child processes, each pinned to its own share of the cores."""
-    cores = sorted(os.sched_getaffinity(0))
-    jobs = min(args.jobs, len(chosen), len(cores))
-    procs = []
+    jobs = min(args.jobs, len(chosen), len(os.sched_getaffinity(0)))
+    argvs = []
     for j in range(jobs):
-        mine = [p.name for p in chosen[j::jobs]]
+        argv = [__file__, "--profiles", ",".join(p.name for p in chosen[j::jobs]),
+                "--train-prompts", str(args.train_prompts), "--pairs-args", args.pairs_args,
+                "--train-args", args.train_args, "--decoding", args.decoding, "--rounds", str(args.rounds),
+                "--round-args", args.round_args]  # fmt: skip
+        argv += ["--judge", args.judge] if args.judge else []
+        argv += ["--workdir", args.workdir] if args.workdir else []
+        argvs.append(argv)
+    order = [p.name for p in chosen]
+    return sorted(pinned_children(argvs), key=lambda r: order.index(r["profile"]))
+
+
+def pinned_children(argvs: list[list[str]]) -> list[dict]:
+    """Run each benchmark script argv (plus `--json FILE`) in a child process pinned to its own share of the
+    cores, all at once; the rows they wrote, in argv order."""
+    cores = sorted(os.sched_getaffinity(0))
+    procs = []
+    for j, argv in enumerate(argvs):
         handle, out = tempfile.mkstemp(suffix=".json")
         os.close(handle)  # the child writes it
-        cmd = [sys.executable, __file__, "--profiles", ",".join(mine), "--json", out,
-               "--train-prompts", str(args.train_prompts), "--pairs-args", args.pairs_args,
-               "--train-args", args.train_args, "--decoding", args.decoding, "--rounds", str(args.rounds),
-               "--round-args", args.round_args]  # fmt: skip
-        cmd += ["--judge", args.judge] if args.judge else []
-        cmd += ["--workdir", args.workdir] if args.workdir else []
-        pinned = set(cores[j::jobs])
+        pinned = set(cores[j :: len(argvs)])
+        cmd = [sys.executable, *argv, "--json", out]
         procs.append((subprocess.Popen(cmd, preexec_fn=lambda c=pinned: os.sched_setaffinity(0, c)), out))
     rows = []
     for proc, out in procs:
         if proc.wait() != 0:
-            raise SystemExit(f"a quality job failed (exit {proc.returncode}); its output is above")
-        rows += json.load(open(out))
+            raise SystemExit(f"a benchmark job failed (exit {proc.returncode}); its output is above")
+        with open(out) as fh:
+            rows += json.load(fh)
         os.unlink(out)
-    order = [p.name for p in chosen]
-    return sorted(rows, key=lambda r: order.index(r["profile"]))
+    return rows
 
 
 def measure_profile(prof: Profile, args: argparse.Namespace) -> dict:

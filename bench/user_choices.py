@@ -21,12 +21,13 @@ import json
 import os
 import re
 import shlex
+import shutil
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality import ALL_PROFILES, QUESTIONS, adherence, answers, mipo  # noqa: E402
+from quality import ALL_PROFILES, QUESTIONS, adherence, answers, mipo, pinned_children  # noqa: E402
 
 CANDIDATES = 8  # answers the simulated user sees per training prompt
 
@@ -60,10 +61,16 @@ def measure(prof, args) -> list[dict]:
     train_q, held_q = QUESTIONS[: args.train_prompts], QUESTIONS[args.train_prompts :]
     root = tempfile.mkdtemp(prefix=f"mipo-user-{prof.name}-")
     env = {**os.environ, "MIPO_LOCAL_HOME": root}
-    mipo(env, "init", *(["--model", args.model] if args.model else []))
-    mipo(env, "context", "add", prof.context)
-    mipo(env, "prompts", "add", *train_q)
-    mipo(env, "pairs", *shlex.split(args.pairs_args))
+    kept = Path(args.from_workdir or "") / prof.name
+    if args.from_workdir and (kept / "mipo.db").exists():
+        # A copy of bench/quality.py's workspace for this profile: the same prompts and MIPO pairs, so K=0 is
+        # the quality table's setting and only the trainings are new.
+        shutil.copytree(kept, root, dirs_exist_ok=True)
+    else:
+        mipo(env, "init", *(["--model", args.model] if args.model else []))
+        mipo(env, "context", "add", prof.context)
+        mipo(env, "prompts", "add", *train_q)
+    mipo(env, "pairs", *shlex.split(args.pairs_args))  # a no-op when the copied pairs are complete
     ws = Workspace.open(root)
     base = str(base_model(ws).file)
     ks = sorted(int(k) for k in args.k.split(","))
@@ -91,6 +98,22 @@ def measure(prof, args) -> list[dict]:
         print(json.dumps(row), flush=True)
         rows.append(row)
     return rows
+
+
+def measure_in_parallel(chosen: list, args: argparse.Namespace) -> list[dict]:
+    """Split the profiles over `args.jobs` child processes of this script, each pinned to its own cores."""
+    jobs = min(args.jobs, len(chosen), len(os.sched_getaffinity(0)))
+    argvs = []
+    for j in range(jobs):
+        argv = [__file__, "--profiles", ",".join(p.name for p in chosen[j::jobs]), "--k", args.k,
+                "--train-prompts", str(args.train_prompts), "--pairs-args", args.pairs_args,
+                "--train-args", args.train_args]  # fmt: skip
+        argv += ["--model", args.model] if args.model else []
+        argv += ["--answer-tokens", str(args.answer_tokens)] if args.answer_tokens else []
+        argv += ["--from-workdir", args.from_workdir] if args.from_workdir else []
+        argvs.append(argv)
+    order = [p.name for p in chosen]
+    return sorted(pinned_children(argvs), key=lambda r: (order.index(r["profile"]), r["k"]))
 
 
 def print_curve(rows: list[dict]) -> None:
@@ -126,10 +149,23 @@ def main() -> None:
     ap.add_argument(
         "--answer-tokens", type=int, default=None, help="longest answer (default: as `chat`, 512)"
     )
+    ap.add_argument(
+        "--from-workdir",
+        default=None,
+        metavar="DIR",
+        help="start each profile from a copy of DIR/<profile>, a `bench/quality.py --workdir DIR` workspace "
+        "(its prompts and MIPO pairs are reused)",
+    )
+    ap.add_argument(
+        "--jobs", type=int, default=1, help="profiles measured at once, each pinned to its own core"
+    )
     ap.add_argument("--json", default=None, help="also write the rows here")
     args = ap.parse_args()
     chosen = [p for p in ALL_PROFILES if p.name in args.profiles.split(",")]
-    rows = [row for prof in chosen for row in measure(prof, args)]
+    if args.jobs > 1 and len(chosen) > 1:
+        rows = measure_in_parallel(chosen, args)
+    else:
+        rows = [row for prof in chosen for row in measure(prof, args)]
     print_curve(rows)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))

@@ -458,7 +458,7 @@ def measure_profile(prof: Profile, args: argparse.Namespace) -> dict:
         root, fresh = tempfile.mkdtemp(prefix=f"mipo-quality-{prof.name}-"), True
     env = {**os.environ, "MIPO_LOCAL_HOME": root}
     # One run per training setting, so a kept workspace can hold several side by side.
-    run = "q-" + hashlib.sha1(args.train_args.encode()).hexdigest()[:8]
+    run = run_name(args.train_args)
     seconds: dict[str, int] = {}
     decoding = json.loads(args.decoding) if args.decoding else {}
 
@@ -480,7 +480,7 @@ def measure_profile(prof: Profile, args: argparse.Namespace) -> dict:
         name = run if k == 1 else f"{run}-r{k}"
         from_run = ["--from-run", previous] if previous else []
         stage("pairs", "pairs", *from_run, *shlex.split(args.pairs_args))  # a no-op when the pairs are there
-        export_id = _newest_export(ws, name)
+        export_id = newest_export(ws, name)
         if export_id is None:  # this setting has not been trained (or exported) in this workspace yet
             status = ws.query("SELECT status FROM runs WHERE name = ?", (name,))
             if not status:
@@ -489,7 +489,7 @@ def measure_profile(prof: Profile, args: argparse.Namespace) -> dict:
             elif status[0]["status"] != "finished":  # a benchmark stopped mid-training: continue it
                 stage("train", "train", "--run", name, "--resume")
             stage("export", "export", "--run", name, "--no-verify")
-            export_id = _newest_export(ws, name)
+            export_id = newest_export(ws, name)
         path, lora = export_engine_args(ws, latest_export(ws, export_id))
         tuned = answers(str(path), str(lora) if lora else None, prof.context, held_q, decoding, base)
         drift_line = stage("eval", "eval", "--export", str(export_id), "--n", "8", "--no-plot")
@@ -535,7 +535,12 @@ def measure_profile(prof: Profile, args: argparse.Namespace) -> dict:
     return row
 
 
-def _newest_export(ws, run_name: str) -> int | None:
+def run_name(train_args: str) -> str:
+    """The run a training setting gets in a profile's workspace, one per setting."""
+    return "q-" + hashlib.sha1(train_args.encode()).hexdigest()[:8]
+
+
+def newest_export(ws, run_name: str) -> int | None:
     sql = "SELECT MAX(e.id) AS id FROM exports e JOIN runs r ON r.id = e.run_id WHERE r.name = ?"
     return ws.query(sql, (run_name,))[0]["id"]
 

@@ -9,6 +9,7 @@ as the app stores it (user_pairs.save_ab_pick). The same workspace then trains M
 bench/quality.py: held-out adherence of the exported model, and neutral-text drift from `mipo-local eval`.
 
     python bench/user_choices.py [--profiles greet,signoff,short,french] [--k 8,16,32] [--train-args "..."]
+    python bench/user_choices.py --from-workdir DIR --jobs 2   # on bench/quality.py --workdir DIR's pairs
 
 The user's pairs add training items (and, when few, repeats), so a run with them takes more steps than
 MIPO alone; each row reports its steps.
@@ -27,7 +28,16 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality import ALL_PROFILES, QUESTIONS, adherence, answers, mipo, pinned_children  # noqa: E402
+from quality import (  # noqa: E402
+    ALL_PROFILES,
+    QUESTIONS,
+    adherence,
+    answers,
+    mipo,
+    newest_export,
+    pinned_children,
+    run_name,
+)
 
 CANDIDATES = 8  # answers the simulated user sees per training prompt
 
@@ -62,9 +72,10 @@ def measure(prof, args) -> list[dict]:
     root = tempfile.mkdtemp(prefix=f"mipo-user-{prof.name}-")
     env = {**os.environ, "MIPO_LOCAL_HOME": root}
     kept = Path(args.from_workdir or "") / prof.name
-    if args.from_workdir and (kept / "mipo.db").exists():
-        # A copy of bench/quality.py's workspace for this profile: the same prompts and MIPO pairs, so K=0 is
-        # the quality table's setting and only the trainings are new.
+    copied = args.from_workdir is not None and (kept / "mipo.db").exists()
+    if copied:
+        # A copy of bench/quality.py's workspace for this profile: the same prompts and MIPO pairs, and K=0 is
+        # the quality table's own run.
         shutil.copytree(kept, root, dirs_exist_ok=True)
     else:
         mipo(env, "init", *(["--model", args.model] if args.model else []))
@@ -83,10 +94,14 @@ def measure(prof, args) -> list[dict]:
             user_pairs.save_ab_pick(ws, prof.context, prompt, picked, other)
         added = max(added, min(k, len(picks)))
         name = f"k{k}"
-        weight = ["--user-weight", "0"] if k == 0 else []
-        mipo(env, "train", "--run", name, *weight, *shlex.split(args.train_args))
-        mipo(env, "export", "--run", name, "--no-verify")
-        export_id = ws.query("SELECT MAX(id) AS id FROM exports")[0]["id"]
+        if k == 0 and copied and newest_export(ws, run_name(args.train_args)) is not None:
+            # MIPO alone is the run bench/quality.py trained and exported with these settings: measure it.
+            name = run_name(args.train_args)
+        else:
+            weight = ["--user-weight", "0"] if k == 0 else []
+            mipo(env, "train", "--run", name, *weight, *shlex.split(args.train_args))
+            mipo(env, "export", "--run", name, "--no-verify")
+        export_id = newest_export(ws, name)
         path, lora = export_engine_args(ws, latest_export(ws, export_id))
         tuned = answers(str(path), str(lora) if lora else None, prof.context, held_q, decoding, base)
         drift = re.search(

@@ -4,7 +4,8 @@ The positive is the non-degenerate candidate with the highest pointwise mutual i
 log p(y|c,x) - log p(y|c',x) under the sampling model (the first one when nothing is scored); the negative
 the one with the lowest. A positive that loops, is empty, stops inside a repetition or copies the context
 back (degenerate.verdict) is never chosen: when every candidate of a plan is degenerate, the positives are
-sampled again with fresh seeds, up to RESAMPLE_ATTEMPTS times, and the plan is dropped after that.
+sampled again with fresh seeds and without guidance (resample_sampling), up to RESAMPLE_ATTEMPTS times, and
+the plan is dropped after that.
 
 Seeds derive from the plan's key, the side, the candidate and the attempt, so the same plan always gives
 the same answers (resume depends on it).
@@ -30,6 +31,21 @@ RESAMPLE_ATTEMPTS = 2  # extra rounds of positives for a plan whose every positi
 # A choice's share of time spent scoring: every answer is read twice (under c and c'), in wide parallel
 # batches, which costs far less per token than sampling it one token per step.
 SCORING_SHARE = 0.2
+
+
+# Guidance rewards what only the context makes likely, and the wish's own words are that: on a sign-off wish
+# the guided positive is often the sign-off alone ("Cheers, Tom!"), sampled again just the same under a new
+# seed. Sampling again follows p(y|c,x) itself, and the last attempt at a chat's temperature at least.
+RESAMPLE_TEMPERATURE = 0.7
+
+
+def resample_sampling(settings: PairSettings, attempt: int) -> tuple[float, float]:
+    """(temperature, guidance) of the positives' `attempt`-th sampling: 0 is the settings' own."""
+    if attempt == 0:
+        return settings.temperature, settings.guidance
+    if attempt < RESAMPLE_ATTEMPTS:
+        return settings.temperature, 0.0
+    return max(settings.temperature, RESAMPLE_TEMPERATURE), 0.0
 
 
 def stable_int(*parts: object) -> int:
@@ -65,23 +81,26 @@ def penalties(settings: PairSettings) -> Penalties:
 
 def _requests(items: list[Item], settings: PairSettings, side: str, attempt: int) -> list[GenRequest]:
     k = settings.candidates
+    temperature, guidance = (
+        resample_sampling(settings, attempt) if side == "pos" else (settings.temperature, 0)
+    )
     out = []
     for item in items:
         # Only the positive is guided: a negative pushed away from c comes out as degenerate text
         # (repetitions in other scripts), and DPO would learn nothing from beating that.
-        guide = item.score_neg if side == "pos" and settings.guidance else None
+        guide = item.score_neg if guidance else None
         for j in range(k):
             seed_parts = (item.key, side, j, settings.seed) + ((attempt,) if attempt else ())
             out.append(
                 GenRequest(
                     item.pos if side == "pos" else item.neg,
                     max_tokens=settings.max_tokens,
-                    temperature=settings.temperature,
+                    temperature=temperature,
                     top_p=settings.top_p,
                     seed=stable_int(*seed_parts),
                     id=(item.key, side, j),
                     guide_prompt=guide,
-                    guidance=settings.guidance,
+                    guidance=guidance,
                     penalties=penalties(settings),
                 )
             )

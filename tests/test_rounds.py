@@ -134,6 +134,45 @@ def test_a_degenerate_candidate_never_becomes_a_positive(tiny_gguf, temperature)
         assert passed_over > 0
 
 
+def test_positives_sampled_again_follow_the_model_without_guidance(tiny_gguf):
+    """Guidance rewards what only the context makes likely, the wish's own words included, so a positive
+    sampled again after degenerate ones is sampled from p(y|c,x) itself, the last time at a chat's
+    temperature. Without a repetition penalty the random model's greedy answers loop, so some plans are
+    sampled again."""
+    cf = ChatFormat(tiny_gguf)
+    items, negs = [], set()
+    for i in range(8):
+        q = f"How do I cook dish number {i}?"
+        neg = cf.prompt_ids("I am Bo, a pilot.", q)
+        items.append(candidates.Item(f"k{i}", cf.prompt_ids("I am Ana.", q), neg, neg, "I am Ana.", q))
+        negs.add(tuple(neg))
+    settings = PairSettings(candidates=2, max_tokens=120, temperature=0.0, guidance=1.0, repeat_penalty=1.0)
+    positives_by_attempt = []
+
+    class Recording:  # the real engine, with the requests of each sampling written down
+        def __init__(self, engine):
+            self.engine = engine
+
+        def generate_steps(self, requests):
+            positives_by_attempt.append([r for r in requests if r.id[1] == "pos"])
+            return self.engine.generate_steps(requests)
+
+        def score_many_steps(self, pairs):
+            return self.engine.score_many_steps(pairs)
+
+    with Engine(tiny_gguf, n_seq=32, ctx_per_seq=256) as engine:
+        choices = candidates.choose(Recording(engine), items, settings)
+    assert max(c.attempts for c in choices.values()) == len(positives_by_attempt)
+    first, *again = positives_by_attempt
+    assert again, "no positive was degenerate: nothing was sampled again"
+    assert all(tuple(r.guide_prompt) in negs and r.guidance == 1.0 and r.temperature == 0.0 for r in first)
+    assert all(r.guide_prompt is None and r.guidance == 0 for attempt in again for r in attempt)
+    assert {r.temperature for r in again[0]} == (
+        {0.0} if len(again) > 1 else {candidates.RESAMPLE_TEMPERATURE}
+    )
+    assert {r.temperature for r in again[-1]} == {candidates.RESAMPLE_TEMPERATURE}
+
+
 def test_the_verdicts():
     assert verdict("") == "empty" and verdict("...  !") == "empty"
     assert verdict("Ahoy! " * 20) == "loop"

@@ -71,8 +71,8 @@ def measure(prof, args) -> list[dict]:
     train_q, held_q = QUESTIONS[: args.train_prompts], QUESTIONS[args.train_prompts :]
     root = tempfile.mkdtemp(prefix=f"mipo-user-{prof.name}-")
     env = {**os.environ, "MIPO_LOCAL_HOME": root}
-    kept = Path(args.from_workdir or "") / prof.name
-    copied = args.from_workdir is not None and (kept / "mipo.db").exists()
+    kept = Path(args.from_workdir) / prof.name if args.from_workdir else None
+    copied = kept is not None and (kept / "mipo.db").exists()
     if copied:
         # A copy of bench/quality.py's workspace for this profile: the same prompts and MIPO pairs, and K=0 is
         # the quality table's own run.

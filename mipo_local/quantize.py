@@ -55,7 +55,8 @@ def estimated_bytes(quant: str, n_params: int) -> int:
 def quantize(
     source: str | os.PathLike, target: str | os.PathLike, quant: str, *, threads: int | None = None
 ) -> Path:
-    """Quantize the F16 GGUF `source` into `target` (written by llama.cpp; made owner-only).
+    """Quantize the GGUF `source` (F16, or a quantized base) into `target` (written by llama.cpp; made
+    owner-only).
 
     The caller writes `target` inside a temporary export directory, which provides atomicity.
 
@@ -70,6 +71,9 @@ def quantize(
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = _ftype(quant)
     params.nthread = threads or usable_cores()
+    # A base that is itself quantized (Q4_K_M, as most hubs ship) is dequantized and quantized again: that is
+    # the reference a quantized export of it is checked against, the export's merge having dequantized it.
+    params.allow_requantize = True
     target = Path(target)
     rc = llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), params)
     if rc != 0 or not target.is_file():

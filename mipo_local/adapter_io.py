@@ -20,9 +20,22 @@ import numpy as np
 
 from .errors import TrainingError
 from .fsutil import atomic_path
-from .train.backend import LoraTensor
 
 ADAPTER_FILE = "lora.safetensors"
+
+
+@dataclass
+class LoraTensor:
+    """One LoRA pair in GGUF layout for the base tensor `name` (e.g. `blk.0.attn_q.weight`).
+
+    delta W (numpy order, out x in) = scale * b @ a, with a: (rank, in) and b: (out, rank), so that
+    llama.cpp's `<name>.lora_a` / `<name>.lora_b` tensors are exactly `a` and `b`. For llama, `b`'s rows
+    are already permuted the way the GGUF stores q/k (the HF->GGUF rotary permutation).
+    """
+
+    a: np.ndarray
+    b: np.ndarray
+    scale: float
 
 
 @dataclass

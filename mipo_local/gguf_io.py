@@ -268,3 +268,16 @@ def dequantize_to_f16(
         else None
     )
     return write_gguf(target, reader, tensors, file_type=gguf.LlamaFileType.MOSTLY_F16, extra_metadata=extra)
+
+
+def gguf_permute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's q/k row order: the permutation convert_hf_to_gguf applies to HF's q/k weights.
+
+    Applied to LoRA's b (out x rank) it maps an HF-layout delta to the GGUF layout.
+    """
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def gguf_unpermute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Inverse of gguf_permute_rows (GGUF q/k row order back to HF's)."""
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)

@@ -18,9 +18,9 @@ import gguf
 import numpy as np
 
 from . import __version__, gguf_io
+from .adapter_io import LoraTensor
 from .errors import ExportError
 from .fsutil import atomic_path
-from .train.backend import LoraTensor
 
 PROVENANCE_PREFIX = "mipo_local."
 

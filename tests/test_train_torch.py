@@ -12,9 +12,10 @@ from mipo_local import gguf_io
 from mipo_local.chat import chat_format
 from mipo_local.engine import Engine
 from mipo_local.errors import TrainingError
+from mipo_local.gguf_io import gguf_permute_rows, gguf_unpermute_rows
 from mipo_local.train import torch_buffers, torch_lora
 from mipo_local.train.backend import LoraConfig, LoraTensor, PairBatch
-from mipo_local.train.torch_backend import TorchBackend, gguf_permute_rows, gguf_unpermute_rows
+from mipo_local.train.torch_backend import TorchBackend
 from mipo_local.train.torch_head import head_kl, head_logprobs
 from mipo_local.train.torch_lora import fuse_lora_linears
 from mipo_local.train.torch_mlp import GatedActivation

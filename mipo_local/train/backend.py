@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..adapter_io import LoraTensor  # noqa: F401 (part of the interface)
 from ..chat import EncodedPair
 
 
@@ -44,20 +45,6 @@ class PairBatch:
     ref_chosen: np.ndarray | None = None  # shape (n,), float64
     ref_rejected: np.ndarray | None = None
     weights: np.ndarray | None = None  # shape (n,): each pair's weight on the objective; None: all 1
-
-
-@dataclass
-class LoraTensor:
-    """One LoRA pair in GGUF layout for the base tensor `name` (e.g. `blk.0.attn_q.weight`).
-
-    delta W (numpy order, out x in) = scale * b @ a, with a: (rank, in) and b: (out, rank), so that
-    llama.cpp's `<name>.lora_a` / `<name>.lora_b` tensors are exactly `a` and `b`. For llama, `b`'s rows
-    are already permuted the way the GGUF stores q/k (the HF->GGUF rotary permutation).
-    """
-
-    a: np.ndarray
-    b: np.ndarray
-    scale: float
 
 
 class Backend(ABC):

@@ -44,6 +44,7 @@ from .reference import (
     cached,
     llama_cpp_refs_steps,
     mean_abs_difference,
+    policy_logps_llama_cpp,
     reference_logps,
 )
 
@@ -567,7 +568,6 @@ def _llama_cpp_heldout(ws, adapter_path, held_items, heldout, model, ref_args) -
     fp32) does not count against an export. The base, plain and quantized like the default export, is
     scored and cached at the same time so that exporting stays quick."""
     from ..adapter_io import load_adapter
-    from ..fidelity import policy_logps_llama_cpp
 
     first = sorted(held_items, key=lambda t: t.pair_id)[: ExportSettings().verify_pairs]
     drain(llama_cpp_refs_steps(ws, first, **ref_args))

@@ -25,10 +25,10 @@ from .. import gguf_io
 from ..chat import EncodedPair
 from ..errors import TrainingError
 from ..fsutil import PRIVATE_FILE, atomic_write_text
+from ..gguf_io import gguf_permute_rows, gguf_unpermute_rows
 from .backend import Backend, LoraConfig, LoraTensor, PairBatch
 from .dpo import dpo_metrics, dpo_objective, dpo_terms
 from .mlx_model import load_model
-from .torch_backend import gguf_permute_rows, gguf_unpermute_rows  # numpy only: no torch import
 
 # LoRA target short names (gguf_io.LORA_TARGET_TENSORS keys) -> module paths inside an mlx-lm block.
 MLX_PROJ = {

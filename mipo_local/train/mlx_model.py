@@ -21,7 +21,7 @@ import numpy as np
 
 from .. import gguf_io
 from ..errors import ModelError
-from .torch_backend import gguf_unpermute_rows  # numpy only: importing it does not import torch
+from ..gguf_io import gguf_unpermute_rows
 
 Q = gguf.GGMLQuantizationType
 T = gguf.MODEL_TENSOR

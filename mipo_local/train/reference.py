@@ -150,3 +150,22 @@ def mean_abs_difference(a: Refs, b: Refs) -> tuple[float, int] | None:
         return None
     diffs = [abs(a[i][k] - b[i][k]) for i in common for k in (0, 1)]
     return float(np.mean(diffs)), len(common)
+
+
+def policy_logps_llama_cpp(base_gguf: Path, items, adapter, threads: int | None) -> dict:
+    """{pair_id: (chosen, rejected)}: the trained policy in llama.cpp, the base plus the exact LoRA adapter."""
+    import tempfile
+
+    from ..adapter_gguf import write_adapter_gguf
+    from ..engine import Engine
+
+    with tempfile.TemporaryDirectory(prefix="mipo-policy-") as tmp:
+        lora = write_adapter_gguf(base_gguf, Path(tmp) / "adapter.gguf", adapter)
+        longest = max(
+            len(t.encoded.prompt) + max(len(t.encoded.chosen), len(t.encoded.rejected)) for t in items
+        )
+        with Engine(base_gguf, n_seq=8, ctx_per_seq=longest + 8, lora_path=lora, n_threads=threads) as engine:
+            scores = engine.score_many(
+                [(t.encoded.prompt, r) for t in items for r in (t.encoded.chosen, t.encoded.rejected)]
+            )
+    return {t.pair_id: (scores[2 * i], scores[2 * i + 1]) for i, t in enumerate(items)}

@@ -34,6 +34,7 @@ import numpy as np
 from .. import gguf_io
 from ..chat import EncodedPair
 from ..errors import ModelError, TrainingError
+from ..gguf_io import gguf_permute_rows, gguf_unpermute_rows
 from .backend import Backend, LoraConfig, LoraTensor, PairBatch
 from .batching import pack_pairs, pack_sequences
 from .dpo import dpo_metrics, dpo_objective, dpo_terms
@@ -58,14 +59,6 @@ def cpu_has_fast_bf16() -> bool:
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def gguf_permute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
-    """llama.cpp's q/k row order: the permutation convert_hf_to_gguf applies to HF's q/k weights.
-
-    Applied to LoRA's b (out x rank) it maps an HF-layout delta to the GGUF layout.
-    """
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 class TorchBackend(Backend):
@@ -536,8 +529,3 @@ def _oom_as_memory_error():
         ):
             raise MemoryError(text) from err
         raise
-
-
-def gguf_unpermute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
-    """Inverse of gguf_permute_rows (GGUF q/k row order back to HF's)."""
-    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)

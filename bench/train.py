@@ -4,7 +4,7 @@ Both train the same pairs with the same hyperparameters (LoRA rank/alpha/targets
 accumulation, epochs, max length) and the same thread count, one after the other, each in its own process
 so that its peak RSS is its own. TRL runs at its best setting on this machine (bf16=True where the CPU has
 bf16 instructions, fp32 elsewhere; its reference = the adapter switched off). Times exclude model loading
-(the same transformers GGUF loader on both sides) and include everything else: tokenization, reference
+(reported apart) and include everything else: tokenization, reference
 log-probs, training, writing the adapter.
 
 "Useful" FLOPs per pair are the minimum the job needs: one reference forward and one forward + backward
@@ -12,7 +12,10 @@ log-probs, training, writing the adapter.
 positions only; attention and LoRA are left out. They are divided by a matmul peak measured here in the
 precision trained.
 
-    python bench/train.py [--pairs 16] [--threads 2] [--rank 8] [--epochs 1] [--repeats 3]
+    python bench/train.py [--pairs 16] [--threads 2] [--rank 8] [--epochs 1] [--repeats 3] [--compare REV]
+
+`--compare REV` adds mipo-local as it is at git revision REV (checked out in a temporary worktree), in the
+same run: the current code must not be slower than the code it replaces.
 """
 
 from __future__ import annotations
@@ -228,6 +231,8 @@ def run_child(kind: str, cfg: dict) -> dict:
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as fh:
         json.dump(cfg, fh)
     env = {**os.environ, "OMP_NUM_THREADS": str(cfg["threads"]), "TOKENIZERS_PARALLELISM": "false"}
+    if cfg.get("source"):  # another revision of mipo-local: its package first on the path
+        env["PYTHONPATH"] = os.pathsep.join([cfg["source"], env.get("PYTHONPATH", "")])
     proc = subprocess.run(
         [sys.executable, __file__, "--child", kind, fh.name], env=env, capture_output=True, text=True
     )
@@ -256,6 +261,7 @@ def main() -> None:
     ap.add_argument("--only", choices=["mipo", "trl"], default=None, help="run one side (debugging)")
     ap.add_argument("--also-gc", action="store_true", help="add a mipo-local run with --grad-checkpointing")
     ap.add_argument("--repeats", type=int, default=1, help="run both sides this many times, alternating")
+    ap.add_argument("--compare", default=None, metavar="REV", help="also run mipo-local at git revision REV")
     args = ap.parse_args()
     if args.precision == "auto":
         from mipo_local.train.torch_backend import cpu_has_fast_bf16
@@ -296,12 +302,21 @@ def main() -> None:
     sides = [
         s for s in ("mipo", "mipo-gc", "trl") if args.only in (None, s) and (s != "mipo-gc" or args.also_gc)
     ]
+    if args.compare:
+        source = Path(workdir) / "compare"
+        root = Path(__file__).resolve().parent.parent
+        subprocess.run(["git", "-C", str(root), "worktree", "add", "--detach", str(source), args.compare],
+                       check=True, capture_output=True)  # fmt: skip
+        sides.insert(1, "mipo-rev")
     # Repeats alternate the sides (mipo, trl, mipo, trl, ...) so that a slow spell of the machine hits both;
     # each side's median-time run is reported, and the ratio of each repeat.
     runs: dict[str, list[dict]] = {s: [] for s in sides}
     for i in range(args.repeats):
         for s in sides:
-            runs[s].append(run_child(s, {**cfg, "repeat": i}))
+            extra = {"source": str(source)} if s == "mipo-rev" else {}
+            runs[s].append(run_child(s, {**cfg, "repeat": i, **extra}))
+    if args.compare:
+        subprocess.run(["git", "-C", str(root), "worktree", "remove", "--force", str(source)], check=True)
     results = {s: sorted(r, key=lambda x: x["train_s"])[len(r) // 2] for s, r in runs.items()}
     gflop = useful_gflop_per_pair(model, encoded)
     n = len(pairs) * args.epochs
@@ -316,7 +331,7 @@ def main() -> None:
     )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     names = {"mipo": "mipo-local torch backend", "mipo-gc": "mipo-local, --grad-checkpointing",
-             "trl": f"TRL DPOTrainer + PEFT ({args.precision})"}  # fmt: skip
+             "mipo-rev": f"mipo-local at {args.compare}", "trl": f"TRL DPOTrainer + PEFT ({args.precision})"}  # fmt: skip
     for s, r in results.items():
         rate, cpu_rate = n / r["train_s"], n / r["train_cpu_s"]
         print(
@@ -324,15 +339,18 @@ def main() -> None:
             f"| {cpu_rate:.3f} | {r['peak_rss_mb'] / 1024:.2f} | {rate * gflop:.0f} "
             f"| {rate * gflop / top:.0%} | {r['loss']:.4f} |"
         )
-    if len(results) == 2 and args.repeats > 1:
-        ratios = [t["train_s"] / m["train_s"] for m, t in zip(runs["mipo"], runs["trl"], strict=True)]
-        print("pairs/s ratio of each repeat: " + ", ".join(f"{r:.2f}x" for r in ratios) + " (medians below)")
-    if len(results) == 2:
-        m, t = results["mipo"], results["trl"]
+    for other in ("trl", "mipo-rev"):
+        if "mipo" not in results or other not in results:
+            continue
+        if args.repeats > 1:
+            ratios = [t["train_s"] / m["train_s"] for m, t in zip(runs["mipo"], runs[other], strict=True)]
+            print(f"pairs/s ratio to {names[other]}, each repeat: " + ", ".join(f"{r:.2f}x" for r in ratios))
+        m, t = results["mipo"], results[other]
+        goals = " (goals: >= 2.5x, <= 0.5x, load <= 0.5x)" if other == "trl" else " (goal: >= 1x)"
         print(
-            f"mipo-local vs TRL: pairs/s {t['train_s'] / m['train_s']:.2f}x (goal >= 2x; per CPU second "
-            f"{t['train_cpu_s'] / m['train_cpu_s']:.2f}x), peak RSS {m['peak_rss_mb'] / t['peak_rss_mb']:.2f}x "
-            f"(goal <= 0.6x)"
+            f"mipo-local vs {names[other]}: pairs/s {t['train_s'] / m['train_s']:.2f}x (per CPU second "
+            f"{t['train_cpu_s'] / m['train_cpu_s']:.2f}x), peak RSS {m['peak_rss_mb'] / t['peak_rss_mb']:.2f}x, "
+            f"load {m['load_s'] / t['load_s']:.2f}x{goals}"
         )
     print(
         f"machine load average when done: {os.getloadavg()[0]:.1f} (timings are only comparable on a quiet machine)"
@@ -350,7 +368,8 @@ if __name__ == "__main__":
         config = {**json.loads(Path(sys.argv[3]).read_text()), "kind": sys.argv[2]}
         if sys.argv[2] == "mipo-gc":
             config["grad_checkpointing"] = True
-        children = {"mipo": child_mipo, "mipo-gc": child_mipo, "trl": child_trl, "peak": child_peak}
+        children = {"mipo": child_mipo, "mipo-gc": child_mipo, "mipo-rev": child_mipo, "trl": child_trl,
+                    "peak": child_peak}  # fmt: skip
         result = children[sys.argv[2]](config)
         print(json.dumps({**result, "peak_rss_mb": peak_rss_mb()}))
     else:

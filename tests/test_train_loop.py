@@ -272,7 +272,7 @@ def test_reference_from_llama_cpp_logs_its_distance_to_the_exact_one(tiny_worksp
 OOM_SCRIPT = textwrap.dedent(
     """
     import resource, sys
-    import torch, transformers, peft  # mapped before the cap, so only the training's own memory counts
+    import torch  # mapped before the cap, so only the training's own memory counts
     from mipo_local.errors import TrainingError
     from mipo_local.progress import Log
     from mipo_local.settings import TrainSettings

@@ -1,6 +1,6 @@
 """Build tiny random GGUF models that carry the real default model's tokenizer and chat template.
 
-The file is a real llama-architecture GGUF, so llama.cpp, transformers' GGUF loader and MLX all load the
+The file is a real GGUF of the chosen architecture, so llama.cpp, the torch decoder and MLX all load the
 same bytes. A few layers and a 64-wide hidden size keep every test fast.
 """
 

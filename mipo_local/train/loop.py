@@ -89,7 +89,7 @@ def pick_backend(settings: TrainSettings) -> Backend:
         try:
             from .torch_backend import TorchBackend
         except ImportError as err:
-            raise TrainingError("The torch backend needs torch, transformers and peft installed.") from err
+            raise TrainingError("The torch backend needs torch installed.") from err
         return TorchBackend(**options)
     if name == "mlx":
         try:

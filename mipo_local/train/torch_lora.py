@@ -1,40 +1,19 @@
-"""PEFT's LoRA linear layers computed as one autograd node each, for the torch backend (imports torch).
+"""A LoRA linear layer as one autograd node, for the torch decoder (imports torch).
 
-PEFT computes `base(x) + lora_B(lora_A(x)) * scaling`: under autocast that is a cast of A and B on every
-call, then a multiplication and an addition over the whole (tokens x out) output, and the same again in the
-backward pass, where autograd also adds the two paths' input gradients as a third full-size tensor. Here the
-scale goes on the rank-wide product (tokens x r) and the LoRA product is added inside the second matmul
-(addmm), forward and backward. PEFT still owns the weights and the config (and its `disable_adapter()` still
-works); only the arithmetic of the plain case (one adapter, no dropout, not merged) moves here, and the
-switch to the base model that the backend's reference passes use (`adapters_off`).
+Written plainly, `x W^T + (x A^T) B^T * scale` under bf16 is a cast of A and B on every call, then a
+multiplication and an addition over the whole (tokens x out) output, and the same again in the backward
+pass, where autograd also adds the two paths' input gradients as a third full-size tensor. Here the scale
+goes on the rank-wide product (tokens x r) and the LoRA product is added inside the second matmul (addmm),
+forward and backward.
 """
 
 from __future__ import annotations
-
-import threading
-import types
 
 import torch
 import torch.nn.functional as F
 
 from . import torch_buffers
-from .thread_state import set_for_block
 from .torch_load import compute_dtype, transient_compute_copy
-
-# The projections whose output the backward pass keeps (the gated activation keeps gate and up, attention
-# keeps v): their outputs go to torch_buffers. q and k are rotated into new tensors, o and down are added to
-# the residual stream: their outputs are temporaries.
-KEPT_OUTPUTS = frozenset({"v_proj", "gate_proj", "up_proj"})
-
-_switch = threading.local()
-
-
-def adapters_off():
-    """Until the block ends, every LoRA layer routed through here computes its base layer only (in this thread).
-
-    What PEFT's `disable_adapter()` does, without its cost: PEFT inspects every module of the model on each
-    use to report the adapters' state (97 ms on the default model, once per reference pass)."""
-    return set_for_block(_switch, "off", True)
 
 
 def frozen_linear(
@@ -84,50 +63,3 @@ class LoraLinear(torch.autograd.Function):
         grad_a = (grad_down_t @ flat).to(ctx.param_dtype)
         grad_b = (down_t @ grad).T.to(ctx.param_dtype)
         return grad_x, None, None, grad_a, grad_b, None, None
-
-
-def _forward(self, x, *args, **kwargs):
-    """PEFT's Linear.forward, with the plain case computed by LoraLinear."""
-    base = self.base_layer
-    if getattr(_switch, "off", False) or self.disable_adapters:  # adapters_off() or PEFT's own switch
-        if self.merged:  # as PEFT's disabled layer does
-            self.unmerge()
-        if compute_dtype(base.weight) != base.weight.dtype:
-            return frozen_linear(x, base.weight, base.bias)  # an fp16-stored base
-        return base(x, *args, **kwargs)
-    adapters = [name for name in self.active_adapters if name in self.lora_A]
-    plain = (
-        not self.merged
-        and not args
-        and not kwargs
-        and len(adapters) == 1
-        and adapters[0] not in self.lora_variant
-        and isinstance(self.lora_dropout[adapters[0]], torch.nn.Identity)
-    )
-    if not plain:
-        return self._peft_forward(x, *args, **kwargs)
-    name = adapters[0]
-    with torch.autocast(x.device.type, enabled=False):  # LoraLinear picks its own dtype: the base's
-        return LoraLinear.apply(
-            x,
-            base.weight,
-            base.bias,
-            self.lora_A[name].weight,
-            self.lora_B[name].weight,
-            self.scaling[name],
-            self.keeps_output,
-        )
-
-
-def fuse_lora_linears(model) -> int:
-    """Route every PEFT LoRA Linear of `model` through LoraLinear; returns how many."""
-    from peft.tuners.lora.layer import Linear
-
-    count = 0
-    for name, module in model.named_modules():
-        if type(module) is Linear:
-            module.keeps_output = name.rpartition(".")[2] in KEPT_OUTPUTS
-            module._peft_forward = module.forward
-            module.forward = types.MethodType(_forward, module)
-            count += 1
-    return count

@@ -9,8 +9,6 @@ hands freed memory back to the OS), and two fewer a layer made a training pass 3
 
 from __future__ import annotations
 
-import types
-
 import torch
 
 from . import torch_buffers
@@ -35,20 +33,6 @@ class GatedActivation(torch.autograd.Function):
 
 def _activate(act, gate: torch.Tensor) -> torch.Tensor:
     """act(gate); SiLU's (llama, qwen) into a torch_buffers tensor, since the down projection keeps the product."""
-    if type(act).__name__ in ("SiLUActivation", "SiLU"):
+    if act is torch.nn.functional.silu or type(act).__name__ in ("SiLUActivation", "SiLU"):
         return torch.ops.aten.silu.out(gate, out=torch_buffers.empty_like(gate, gate.dtype))
     return act(gate)
-
-
-def _forward(self, x):
-    """The transformers MLP forward (llama, qwen2/3, gemma3), with the product through GatedActivation."""
-    return self.down_proj(GatedActivation.apply(self.gate_proj(x), self.up_proj(x), self.act_fn))
-
-
-def fuse_gated_mlps(model) -> None:
-    """Route every decoder layer's MLP through GatedActivation (the weights are untouched)."""
-    for layer in model.model.layers:
-        mlp = layer.mlp
-        if not all(hasattr(mlp, a) for a in ("gate_proj", "up_proj", "down_proj", "act_fn")):
-            raise ValueError(f"{type(mlp).__name__} is not a gated MLP")
-        mlp.forward = types.MethodType(_forward, mlp)

@@ -62,7 +62,6 @@ class Shape:
     rope_base: float
     rope_scale: float  # linear rope scaling: positions divided by this
     window: int  # sliding window of the windowed layers; 0: none
-    n_vocab: int
 
     @property
     def halves(self) -> bool:
@@ -90,7 +89,6 @@ def read_shape(info: gguf_io.GGUFInfo) -> Shape:
         raise ModelError(
             f"{info.path} uses '{scaling}' rope scaling, which the torch backend does not support."
         )
-    names = {t.name: t for t in info.tensors}
     return Shape(
         architecture=arch,
         n_layers=int(key("block_count")),
@@ -102,7 +100,6 @@ def read_shape(info: gguf_io.GGUFInfo) -> Shape:
         rope_base=float(key("rope.freq_base") or 10000.0),
         rope_scale=float(key("rope.scaling.factor") or 1.0) if scaling == "linear" else 1.0,
         window=int(key("attention.sliding_window") or 0) if arch == "gemma3" else 0,
-        n_vocab=int(names["token_embd.weight"].shape[0]),
     )
 
 
@@ -258,8 +255,8 @@ class Decoder:
         recompute = self.checkpointing and torch.is_grad_enabled()
         for i in range(s.n_layers):
             base = s.rope_base_of(i)
-            if base not in tables:  # in the compute dtype, as q and k are rotated in it
-                tables[base] = tuple(z.to(compute) for z in self.rotary_tables(positions, i))
+            if base not in tables:  # fp32: q and k are rotated in fp32 (one rounding to bf16, after it)
+                tables[base] = self.rotary_tables(positions, i)
             args = (x, i, tables[base], spans, positions, mask, compute)
             if recompute:  # non-reentrant: gradients reach LoRA through the frozen embedding
                 x = torch.utils.checkpoint.checkpoint(self.block, *args, use_reentrant=False)

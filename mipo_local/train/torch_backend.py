@@ -95,7 +95,6 @@ class TorchBackend(Backend):
             n = decoder.shape.n_layers
             decoder.after_layer = {n // 3: _trim_within_pass, 2 * n // 3: _trim_within_pass}
         self.decoder = decoder.to(self.device)
-        self.lora = lora
         self._head_weight = decoder.head_weight  # tied models: the embedding matrix itself
         named = decoder.named_parameters()
         self.params = [p for _, p in named]
@@ -299,22 +298,14 @@ class TorchBackend(Backend):
 
     def lora_tensors(self) -> dict[str, LoraTensor]:
         scale = self.decoder.lora_scale
-        # Copies: .numpy() shares memory with the live weights, which the next step changes in place.
-        return {
-            name: LoraTensor(
-                a.detach().float().cpu().numpy().copy(), b.detach().float().cpu().numpy().copy(), scale
-            )
-            for name, (a, b) in self.decoder.lora.items()
-        }
+        return {name: LoraTensor(_numpy(a), _numpy(b), scale) for name, (a, b) in self.decoder.lora.items()}
 
     def lora_gradients(self) -> dict[str, LoraTensor]:
         """The accumulated (not yet applied) gradients of each LoRA pair, in GGUF layout like lora_tensors."""
         scale, out = self.decoder.lora_scale, {}
         for name, (a, b) in self.decoder.lora.items():
             if a.grad is not None and b.grad is not None:
-                out[name] = LoraTensor(
-                    a.grad.float().cpu().numpy().copy(), b.grad.float().cpu().numpy().copy(), scale
-                )
+                out[name] = LoraTensor(_numpy(a.grad), _numpy(b.grad), scale)
         return out
 
     def set_lora_tensors(self, tensors: dict[str, LoraTensor]) -> None:
@@ -347,6 +338,11 @@ def _return_freed_memory() -> None:
 
 
 _malloc_trim = None
+
+
+def _numpy(t) -> np.ndarray:
+    """An fp32 numpy copy of a tensor (.numpy() alone would share memory with a weight the next step changes)."""
+    return t.detach().float().cpu().numpy().copy()
 
 
 def _trim_within_pass(output) -> None:

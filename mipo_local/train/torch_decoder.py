@@ -38,7 +38,6 @@ from .torch_mlp import GatedActivation
 from .torch_norm import RMSNorm
 from .torch_rotary import Rotary
 
-ARCHITECTURES = gguf_io.SUPPORTED_ARCHITECTURES
 GEMMA3_SWA_PATTERN = 6  # llama.cpp: in every 6 layers, the first 5 attend to a window, the 6th to everything
 GEMMA3_LOCAL_ROPE_BASE = 10000.0  # llama.cpp's fixed rotary base of Gemma 3's windowed layers
 # LoRA targets (gguf_io.LORA_TARGET_TENSORS keys) -> the GGUF tensor stem of each block
@@ -76,12 +75,9 @@ class Shape:
 
 
 def read_shape(info: gguf_io.GGUFInfo) -> Shape:
-    """The Shape of a GGUF (gguf_io.read_info); ModelError naming the supported families for any other."""
+    """The Shape of a GGUF as gguf_io.read_info reads it (which refuses any architecture but
+    gguf_io.SUPPORTED_ARCHITECTURES, naming them)."""
     arch = info.architecture
-    if arch not in ARCHITECTURES:
-        raise ModelError(
-            f"{info.path} is a '{arch}' model; the torch backend trains {', '.join(ARCHITECTURES)} models."
-        )
     key = info.arch_key
     n_embd, n_head = int(key("embedding_length")), int(key("attention.head_count"))
     scaling = key("rope.scaling.type")

@@ -33,6 +33,6 @@ class GatedActivation(torch.autograd.Function):
 
 def _activate(act, gate: torch.Tensor) -> torch.Tensor:
     """act(gate); SiLU's (llama, qwen) into a torch_buffers tensor, since the down projection keeps the product."""
-    if act is torch.nn.functional.silu or type(act).__name__ in ("SiLUActivation", "SiLU"):
+    if act is torch.nn.functional.silu or isinstance(act, torch.nn.SiLU):
         return torch.ops.aten.silu.out(gate, out=torch_buffers.empty_like(gate, gate.dtype))
     return act(gate)
